@@ -1,0 +1,77 @@
+"""Builds mvit2_kernels._C: the CPU kernels always, the CUDA kernels where CUDA is really there.
+
+Build knobs (environment): FORCE_CUDA=1 insists on the CUDA kernels, MVIT2_NO_CUDA=1 skips them,
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0"), MAX_JOBS caps ninja's
+parallel compiles. Build with ``pip install --no-build-isolation -e .`` so that the installed
+torch is used and never replaced.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as e:  # pragma: no cover - a build without torch cannot work at all
+    raise SystemExit(
+        "mvit2_kernels builds against the torch already installed: install torch first and "
+        "build with `pip install --no-build-isolation .` (see README)."
+    ) from e
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_decision() -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and why (for the banner)."""
+    if _flag("MVIT2_NO_CUDA"):
+        return False, "MVIT2_NO_CUDA=1"
+    toolkit = cpp_extension.CUDA_HOME or shutil.which("nvcc")
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is a CPU build"
+    elif toolkit is None:
+        reason = "no CUDA toolkit found (set CUDA_HOME)"
+    else:
+        return True, f"torch CUDA {torch.version.cuda}, toolkit at {toolkit}"
+    if _flag("FORCE_CUDA"):
+        raise SystemExit(f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+    return False, reason
+
+
+def _extension() -> cpp_extension.CppExtension:
+    with_cuda, why = _cuda_decision()
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))]
+    openmp = ["-fopenmp"] if os.name != "nt" else ["/openmp"]
+    cxx = ["-O3", "-DNDEBUG", *openmp] if os.name != "nt" else ["/O2", *openmp]
+    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=openmp if os.name != "nt" else [])
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
+        kwargs["extra_compile_args"]["cxx"].append("-DMVIT2_WITH_CUDA")
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-DMVIT2_WITH_CUDA", "--use_fast_math"]
+        ext = cpp_extension.CUDAExtension("mvit2_kernels._C", sources, **kwargs)
+    else:
+        ext = cpp_extension.CppExtension("mvit2_kernels._C", sources, **kwargs)
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+    print(
+        f"[mvit2_kernels] building the CPU kernels{' and the CUDA kernels' if with_cuda else ''}"
+        f" against torch {torch.__version__}; CUDA {'on' if with_cuda else 'off'}: {why}"
+        f"{f'; archs {arch}' if arch else ''}; MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}",
+        flush=True,
+    )
+    return ext
+
+
+setup(
+    packages=find_packages(include=["mvit2_kernels", "mvit2_kernels.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
