@@ -51,7 +51,9 @@ def _extension() -> cpp_extension.CppExtension:
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))]
     openmp = ["-fopenmp"] if os.name != "nt" else ["/openmp"]
     cxx = ["-O3", "-DNDEBUG", *openmp] if os.name != "nt" else ["/O2", *openmp]
-    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=openmp if os.name != "nt" else [])
+    kwargs = dict(
+        extra_compile_args={"cxx": cxx}, extra_link_args=openmp if os.name != "nt" else []
+    )
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))

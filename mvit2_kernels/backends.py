@@ -69,8 +69,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     if backend == "cpu":
         if not compiled_cpu():
-            raise RuntimeError(f"backend='cpu' needs the C++ extension, which failed to import: "
-                               f"{_C_ERROR} (reinstall with `pip install --no-build-isolation .`)")
+            raise RuntimeError(
+                f"backend='cpu' needs the C++ extension, which failed to import: "
+                f"{_C_ERROR} (reinstall with `pip install --no-build-isolation .`)"
+            )
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' runs CPU tensors, got tensors on {device}")
     elif backend == "cuda":
@@ -81,10 +83,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"backend='cuda' runs CUDA tensors, got tensors on {device}")
     elif backend == "triton":
         if not triton_usable():
-            raise RuntimeError("backend='triton' needs triton and a CUDA device "
-                               "(or TRITON_INTERPRET=1 set before import, to run on CPU)")
+            raise RuntimeError(
+                "backend='triton' needs triton and a CUDA device "
+                "(or TRITON_INTERPRET=1 set before import, to run on CPU)"
+            )
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         if device.type != "cuda" and not (interpreted and device.type == "cpu"):
-            raise ValueError(f"backend='triton' runs CUDA tensors (CPU tensors only under "
-                             f"TRITON_INTERPRET=1), got tensors on {device}")
+            raise ValueError(
+                f"backend='triton' runs CUDA tensors (CPU tensors only under "
+                f"TRITON_INTERPRET=1), got tensors on {device}"
+            )
     return backend

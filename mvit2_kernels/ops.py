@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import backends
 from .reference import separable_attention_reference
@@ -57,11 +56,29 @@ class SeparableAttentionFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # double backward raises a clear error instead of a wrong gradient
     def backward(ctx, grad_y: Tensor):
         q, k, v, attn_ctx = ctx.saved_tensors
-        dq, dk, dv = _backward_op(ctx.backend)(grad_y, q, k, v, attn_ctx)
-        return dq, dk, dv, None
+        grads = _backward_op(ctx.backend)(grad_y, q, k, v, attn_ctx)
+        if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
+            grads = _NoDoubleBackward.apply("separable_attention", grad_y, q, k, v, *grads)
+        return *grads, None
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes gradients through, tied to the inputs they depend on, so that differentiating them
+    raises instead of silently treating them as constants."""
+
+    @staticmethod
+    def forward(ctx, op: str, *tensors: Tensor):
+        ctx.op = op
+        return tuple(t.view_as(t) for t in tensors[4:])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"{ctx.op} is differentiable once: double backward (differentiating "
+            "its gradients, e.g. after create_graph=True) is not supported"
+        )
 
 
 def _forward_op(backend: str):
@@ -95,13 +112,16 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but k has {k.dtype}: use one dtype")
         if t.device != k.device:
             raise ValueError(f"{name} is on {t.device} but k is on {k.device}: use one device")
-    B, C, P, N = k.shape
+    B, _C, P, N = k.shape
     if tuple(q.shape) != (B, 1, P, N):
-        raise ValueError(f"q must have shape [B, 1, P, N] = {[B, 1, P, N]} to match "
-                         f"k [B, C, P, N] = {list(k.shape)}, got {list(q.shape)}")
+        raise ValueError(
+            f"q must have shape [B, 1, P, N] = {[B, 1, P, N]} to match "
+            f"k [B, C, P, N] = {list(k.shape)}, got {list(q.shape)}"
+        )
     if v.shape != k.shape:
-        raise ValueError(f"v must have shape [B, C, P, N] = {list(k.shape)} like k, "
-                         f"got {list(v.shape)}")
+        raise ValueError(
+            f"v must have shape [B, C, P, N] = {list(k.shape)} like k, got {list(v.shape)}"
+        )
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "separable_attention_reference",
-    "separable_attention_forward_reference",
     "separable_attention_backward_reference",
+    "separable_attention_forward_reference",
+    "separable_attention_reference",
 ]
 
 

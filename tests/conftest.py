@@ -8,9 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from mvit2_kernels import available_backends  # noqa: E402
+from mvit2_kernels import available_backends
 
 BACKENDS = [b for b in ("cuda", "triton", "cpu") if b in available_backends()]
 
@@ -26,7 +26,10 @@ def device_of(backend: str) -> str:
 def poison_empty():
     """Every ``torch.empty``/``at::empty`` in the test is filled with NaN (integers with their
     maximum), so an output element the kernel forgot to write cannot pass as a value."""
-    det, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    det, fill = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
