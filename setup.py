@@ -2,7 +2,10 @@
 
 Build knobs (environment): FORCE_CUDA=1 insists on the CUDA kernels, MVIT2_NO_CUDA=1 skips them,
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0"), MAX_JOBS caps ninja's
-parallel compiles. Build with ``pip install --no-build-isolation -e .`` so that the installed
+parallel compiles, MVIT2_CPU_ISA picks the CPU instruction set of the C++ kernels: "native"
+(default: this machine's, e.g. AVX-512), "avx2", "avx512" or "generic" (portable, slower).
+
+Build with ``pip install --no-build-isolation -e .`` so that the installed
 torch is used and never replaced.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import find_packages, setup
@@ -46,11 +50,29 @@ def _cuda_decision() -> tuple[bool, str]:
     return False, reason
 
 
+_CPU_ISA_FLAGS = {
+    "native": ["-march=native"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+}
+
+
+def _cpu_isa_flags() -> tuple[list[str], str]:
+    isa = os.environ.get("MVIT2_CPU_ISA", "native").lower()
+    if isa not in _CPU_ISA_FLAGS:
+        raise SystemExit(f"MVIT2_CPU_ISA must be one of {sorted(_CPU_ISA_FLAGS)}, got {isa!r}")
+    if os.name == "nt" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return [], "compiler default"  # the flags above are x86 GCC/Clang flags
+    return _CPU_ISA_FLAGS[isa], isa
+
+
 def _extension() -> cpp_extension.CppExtension:
     with_cuda, why = _cuda_decision()
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))]
     openmp = ["-fopenmp"] if os.name != "nt" else ["/openmp"]
-    cxx = ["-O3", "-DNDEBUG", *openmp] if os.name != "nt" else ["/O2", *openmp]
+    isa_flags, isa = _cpu_isa_flags()
+    cxx = ["-O3", "-DNDEBUG", *isa_flags, *openmp] if os.name != "nt" else ["/O2", *openmp]
     kwargs = dict(
         extra_compile_args={"cxx": cxx}, extra_link_args=openmp if os.name != "nt" else []
     )
@@ -65,7 +87,8 @@ def _extension() -> cpp_extension.CppExtension:
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     print(
         f"[mvit2_kernels] building the CPU kernels{' and the CUDA kernels' if with_cuda else ''}"
-        f" against torch {torch.__version__}; CUDA {'on' if with_cuda else 'off'}: {why}"
+        f" against torch {torch.__version__}; CPU ISA {isa};"
+        f" CUDA {'on' if with_cuda else 'off'}: {why}"
         f"{f'; archs {arch}' if arch else ''}; MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}",
         flush=True,
     )

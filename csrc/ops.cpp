@@ -1,6 +1,5 @@
 // The op library: schemas shared by every backend (CPU and CUDA here, Triton in Python), and the
-// pybind11 module that Python imports to load them.
-#include <pybind11/pybind11.h>
+// pybind11 module that Python imports to load them (left out of the CMake build for C++ users).
 #include <torch/library.h>
 
 TORCH_LIBRARY(mvit2, m) {
@@ -10,7 +9,18 @@ TORCH_LIBRARY(mvit2, m) {
   m.def(
       "separable_attention_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor ctx)"
       " -> (Tensor dq, Tensor dk, Tensor dv)");
+  // SwiftFormer: (out, qn) = (G * kn, qn) with variant "normalize" or "softmax"; g = G [B, D] and
+  // a_norm = ||a|| over N [B] are kept (float32, or float64) for the backward.
+  m.def(
+      "additive_attention_forward(Tensor q, Tensor k, Tensor w_g, str variant)"
+      " -> (Tensor out, Tensor qn, Tensor g, Tensor a_norm)");
+  m.def(
+      "additive_attention_backward(Tensor grad_out, Tensor grad_qn, Tensor q, Tensor k,"
+      " Tensor w_g, Tensor g, Tensor a_norm, str variant) -> (Tensor dq, Tensor dk, Tensor dw_g)");
 }
+
+#ifndef MVIT2_NO_PYTHON
+#include <pybind11/pybind11.h>
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mvit2_kernels compiled ops (registered under torch.ops.mvit2)";
@@ -20,3 +30,4 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_built") = false;
 #endif
 }
+#endif  // MVIT2_NO_PYTHON

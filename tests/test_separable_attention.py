@@ -10,8 +10,9 @@ from conftest import BACKENDS, device_of
 from mvit2_kernels import available_backends, separable_attention
 from mvit2_kernels.reference import separable_attention_reference
 
-# (B, C, P, N): odd N, N = 1, C = 1, B = 1, N beyond one tile, N in the thousands.
-SHAPES = [(2, 3, 4, 37), (1, 1, 1, 1), (1, 8, 4, 1), (3, 5, 2, 130), (1, 2, 1, 3000)]
+# (B, C, P, N): odd N, N = 1, C = 1, B = 1, N beyond one tile, N in the thousands, and B large
+# enough that the CPU kernel keeps all channels of a batch in one task.
+SHAPES = [(2, 3, 4, 37), (1, 1, 1, 1), (1, 8, 4, 1), (3, 5, 2, 130), (1, 2, 1, 3000), (64, 3, 2, 5)]
 EMPTY_SHAPES = [(0, 4, 4, 16), (2, 0, 4, 16), (2, 4, 0, 16), (2, 4, 4, 0)]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 

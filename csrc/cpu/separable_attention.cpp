@@ -1,6 +1,8 @@
 // Separable self-attention (MobileViTv2), CPU: one pass over k and v (forward) and over
 // grad_y, v and k (backward) per (row, channel block), vectorised with at::vec, accumulating
 // fp16/bf16 in float32. The maths is DESIGN.md §1; mvit2_kernels/reference.py is the oracle.
+#include "vec_isa.h"  // first: it configures at::vec
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -49,25 +51,35 @@ inline acc_t relu(acc_t x) {
   return (x > acc_t(0) || std::isnan(x)) ? x : acc_t(0);
 }
 
-// Enough (row, channel block) tasks to feed every thread even at B=1. A function of the shape
-// alone, not of the thread count, so the backward's cross-block ds sum has one fixed order.
+// Tasks are (batch, channel block); each walks its channels and, inside, the P rows, so that k, v
+// and y stream through memory in order (the P*N plane of a channel is contiguous). Enough tasks
+// to feed every thread even at B=1; a function of the shape alone, not of the thread count, so the
+// backward's cross-block ds sum always has the same order (bitwise-reproducible results).
 struct ChannelBlocks {
   int64_t count, size;
 };
-inline ChannelBlocks channel_blocks(int64_t rows, int64_t C) {
+inline ChannelBlocks channel_blocks(int64_t B, int64_t C) {
   constexpr int64_t kMinTasks = 64;
-  if (rows >= kMinTasks || C <= 1) return {1, std::max<int64_t>(C, 1)};
-  const int64_t want = std::min(C, (kMinTasks + rows - 1) / rows);
+  if (B >= kMinTasks || C <= 1) return {1, std::max<int64_t>(C, 1)};
+  const int64_t want = std::min(C, (kMinTasks + B - 1) / B);
   const int64_t size = (C + want - 1) / want;
   return {(C + size - 1) / size, size};
 }
 
 // Tasks per at::parallel_for chunk so that a chunk moves at least ~16K elements.
-inline int64_t task_grain(int64_t channels_per_task, int64_t N) {
-  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, channels_per_task * N));
+inline int64_t task_grain(int64_t elements_per_task) {
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, elements_per_task));
 }
 
-// s = softmax(q_row) in acc_t. q is 1/C of the data, so every task recomputes it.
+template <typename scalar_t>
+using acc_vector = std::vector<at::opmath_type<scalar_t>>;
+
+template <typename acc_t, typename Vec>
+inline acc_t vec_sum(const Vec& x) {
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, x);
+}
+
+// s = softmax(q_row) in acc_t.
 template <typename scalar_t>
 void softmax_row(const scalar_t* q, int64_t N, at::opmath_type<scalar_t>* s) {
   using IO = VecIO<scalar_t>;
@@ -77,8 +89,8 @@ void softmax_row(const scalar_t* q, int64_t N, at::opmath_type<scalar_t>* s) {
   const int64_t Nv = N - N % W;
   Vec vmax(-std::numeric_limits<acc_t>::infinity());
   for (int64_t n = 0; n < Nv; n += W) vmax = at::vec::maximum(vmax, IO::load(q + n));
-  acc_t mx = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
-                                            vmax);
+  acc_t mx = at::vec::vec_reduce_all<acc_t>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
   for (int64_t n = Nv; n < N; ++n) {
     const acc_t x = static_cast<acc_t>(q[n]);
     mx = (x > mx || std::isnan(x)) ? x : mx;
@@ -89,13 +101,22 @@ void softmax_row(const scalar_t* q, int64_t N, at::opmath_type<scalar_t>* s) {
     e.store(s + n);
     vsum = vsum + e;
   }
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  acc_t sum = vec_sum<acc_t>(vsum);
   for (int64_t n = Nv; n < N; ++n) {
     s[n] = std::exp(static_cast<acc_t>(q[n]) - mx);
     sum += s[n];
   }
   const acc_t inv = acc_t(1) / sum;
   for (int64_t n = 0; n < N; ++n) s[n] *= inv;
+}
+
+// The P softmax rows of batch b, into s[P * N]; a thread recomputes them only when b changes
+// (its tasks are consecutive), so q, 1/C of the data, is read about once.
+template <typename scalar_t>
+inline void softmax_rows(const at::Tensor& q, int64_t b, at::opmath_type<scalar_t>* s) {
+  const int64_t P = q.size(2), N = q.size(3);
+  const scalar_t* qb = q.const_data_ptr<scalar_t>() + b * q.stride(0);
+  for (int64_t p = 0; p < P; ++p) softmax_row(qb + p * q.stride(2), N, s + p * N);
 }
 
 template <typename scalar_t>
@@ -107,43 +128,50 @@ void separable_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k
   constexpr int64_t W = Vec::size();
   const int64_t B = k.size(0), C = k.size(1), P = k.size(2), N = k.size(3);
   const int64_t Nv = N - N % W;
-  const ChannelBlocks cb = channel_blocks(B * P, C);
-  const int64_t blocks = cb.count, per_block = cb.size;
-  const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();
+  const ChannelBlocks cb = channel_blocks(B, C);
   const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();
   const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();
   scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
   acc_t* ctx_ptr = ctx.mutable_data_ptr<acc_t>();  // contiguous [B, C, P, 1]
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
 
-  at::parallel_for(0, B * P * blocks, task_grain(per_block, N), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(N);
-    int64_t s_row = -1;
+  at::parallel_for(0, B * cb.count, task_grain(cb.size * P * N), [&](int64_t begin, int64_t end) {
+    acc_vector<scalar_t> s(P * N);
+    int64_t s_b = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / blocks, b = row / P, p = row % P;
-      if (row != s_row) {  // tasks are row-major: a chunk recomputes s once per row it touches
-        softmax_row(q_ptr + b * q.stride(0) + p * q.stride(2), N, s.data());
-        s_row = row;
-      }
-      const int64_t c_end = std::min(C, (task % blocks + 1) * per_block);
-      for (int64_t c = (task % blocks) * per_block; c < c_end; ++c) {
-        const scalar_t* kc = k_ptr + b * k.stride(0) + c * k.stride(1) + p * k.stride(2);
-        const scalar_t* vc = v_ptr + b * v.stride(0) + c * v.stride(1) + p * v.stride(2);
-        scalar_t* yc = y_ptr + ((b * C + c) * P + p) * N;
-        Vec vacc(acc_t(0));
-        for (int64_t n = 0; n < Nv; n += W) vacc = at::vec::fmadd(Vec::loadu(&s[n]), IO::load(kc + n), vacc);
-        acc_t cx = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vacc);
-        for (int64_t n = Nv; n < N; ++n) cx += s[n] * static_cast<acc_t>(kc[n]);
-        ctx_ptr[(b * C + c) * P + p] = cx;
-        const Vec vcx(cx), zero(acc_t(0));
-        for (int64_t n = 0; n < Nv; n += W) IO::store(yc + n, at::vec::maximum(IO::load(vc + n), zero) * vcx);
-        for (int64_t n = Nv; n < N; ++n) yc[n] = static_cast<scalar_t>(relu(static_cast<acc_t>(vc[n])) * cx);
+      const int64_t b = task / cb.count, c_begin = (task % cb.count) * cb.size;
+      if (b != s_b) softmax_rows<scalar_t>(q, s_b = b, s.data());
+      for (int64_t c = c_begin; c < std::min(C, c_begin + cb.size); ++c) {
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t* sp = s.data() + p * N;
+          const scalar_t* kc = k_ptr + b * ks0 + c * ks1 + p * ks2;
+          const scalar_t* vc = v_ptr + b * vs0 + c * vs1 + p * vs2;
+          scalar_t* yc = y_ptr + ((b * C + c) * P + p) * N;
+          // ctx = sum_n s * k
+          Vec vacc(acc_t(0));
+          for (int64_t n = 0; n < Nv; n += W) {
+            vacc = at::vec::fmadd(Vec::loadu(sp + n), IO::load(kc + n), vacc);
+          }
+          acc_t cx = vec_sum<acc_t>(vacc);
+          for (int64_t n = Nv; n < N; ++n) cx += sp[n] * static_cast<acc_t>(kc[n]);
+          ctx_ptr[(b * C + c) * P + p] = cx;
+          // y = relu(v) * ctx
+          const Vec vcx(cx), zero(acc_t(0));
+          for (int64_t n = 0; n < Nv; n += W) {
+            IO::store(yc + n, at::vec::maximum(IO::load(vc + n), zero) * vcx);
+          }
+          for (int64_t n = Nv; n < N; ++n) {
+            yc[n] = static_cast<scalar_t>(relu(static_cast<acc_t>(vc[n])) * cx);
+          }
+        }
       }
     }
   });
 }
 
-// Pass 1 per (row, channel block): dv, dctx from (grad_y, v); dk and the block's partial ds from
-// k. Pass 2 per row: ds summed over blocks in a fixed order (deterministic), then dq.
+// Pass 1 per (batch, channel block): dv, dctx from (grad_y, v); dk and the block's partial
+// ds[P, N] from k. Pass 2 per row: ds summed over blocks in a fixed order, then dq.
 template <typename scalar_t>
 void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& q,
                                          const at::Tensor& k, const at::Tensor& v,
@@ -155,86 +183,88 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
   constexpr int64_t W = Vec::size();
   const int64_t B = k.size(0), C = k.size(1), P = k.size(2), N = k.size(3);
   const int64_t Nv = N - N % W;
-  const ChannelBlocks cb = channel_blocks(B * P, C);
-  const int64_t blocks = cb.count, per_block = cb.size;
+  const ChannelBlocks cb = channel_blocks(B, C);
   const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
-  const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();
   const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();
   const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();
   const acc_t* ctx_ptr = ctx.const_data_ptr<acc_t>();
-  scalar_t* dq_ptr = dq.mutable_data_ptr<scalar_t>();
-  scalar_t* dk_ptr = dk.mutable_data_ptr<scalar_t>();
+  scalar_t* dq_ptr = dq.mutable_data_ptr<scalar_t>();  // contiguous [B, 1, P, N]
+  scalar_t* dk_ptr = dk.mutable_data_ptr<scalar_t>();  // contiguous [B, C, P, N]
   scalar_t* dv_ptr = dv.mutable_data_ptr<scalar_t>();
-  // Per (row, block): partial ds[N] and partial sum_c dctx[c] * ctx[c].
-  std::vector<acc_t> ds_part(B * P * blocks * N), dot_part(B * P * blocks);
-  const auto ctx_at = [&](int64_t b, int64_t c, int64_t p) {
-    return ctx_ptr[b * ctx.stride(0) + c * ctx.stride(1) + p * ctx.stride(2)];
-  };
+  const int64_t gs0 = g.stride(0), gs1 = g.stride(1), gs2 = g.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t xs0 = ctx.stride(0), xs1 = ctx.stride(1), xs2 = ctx.stride(2);
+  // Per (batch, block): partial ds[P, N] and partial sum_c dctx * ctx [P].
+  acc_vector<scalar_t> ds_part(B * cb.count * P * N), dot_part(B * cb.count * P);
 
-  at::parallel_for(0, B * P * blocks, task_grain(per_block, N), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(N);
-    int64_t s_row = -1;
+  at::parallel_for(0, B * cb.count, task_grain(cb.size * P * N), [&](int64_t begin, int64_t end) {
+    acc_vector<scalar_t> s(P * N);
+    int64_t s_b = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / blocks, b = row / P, p = row % P;
-      if (row != s_row) {
-        softmax_row(q_ptr + b * q.stride(0) + p * q.stride(2), N, s.data());
-        s_row = row;
+      const int64_t b = task / cb.count, c_begin = (task % cb.count) * cb.size;
+      if (b != s_b) softmax_rows<scalar_t>(q, s_b = b, s.data());
+      acc_t* ds = ds_part.data() + task * P * N;
+      acc_t* dot = dot_part.data() + task * P;
+      std::fill(ds, ds + P * N, acc_t(0));
+      std::fill(dot, dot + P, acc_t(0));
+      for (int64_t c = c_begin; c < std::min(C, c_begin + cb.size); ++c) {
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t* sp = s.data() + p * N;
+          acc_t* dsp = ds + p * N;
+          const scalar_t* gc = g_ptr + b * gs0 + c * gs1 + p * gs2;
+          const scalar_t* kc = k_ptr + b * ks0 + c * ks1 + p * ks2;
+          const scalar_t* vc = v_ptr + b * vs0 + c * vs1 + p * vs2;
+          const int64_t out = ((b * C + c) * P + p) * N;
+          const acc_t cx = ctx_ptr[b * xs0 + c * xs1 + p * xs2];
+          // dv = g * ctx where v > 0 (a select, as autograd's relu backward: 0 * inf stays 0);
+          // dctx = sum_n g * relu(v).
+          const Vec vcx(cx), zero(acc_t(0));
+          Vec vdctx(acc_t(0));
+          for (int64_t n = 0; n < Nv; n += W) {
+            const Vec gn = IO::load(gc + n), vn = IO::load(vc + n);
+            IO::store(dv_ptr + out + n, Vec::blendv(zero, gn * vcx, vn > zero));
+            vdctx = at::vec::fmadd(gn, at::vec::maximum(vn, zero), vdctx);
+          }
+          acc_t dctx = vec_sum<acc_t>(vdctx);
+          for (int64_t n = Nv; n < N; ++n) {
+            const acc_t gn = static_cast<acc_t>(gc[n]), vn = static_cast<acc_t>(vc[n]);
+            dv_ptr[out + n] = static_cast<scalar_t>(vn > acc_t(0) ? gn * cx : acc_t(0));
+            dctx += gn * relu(vn);
+          }
+          // dk = dctx * s; ds += dctx * k.
+          const Vec vd(dctx);
+          for (int64_t n = 0; n < Nv; n += W) {
+            IO::store(dk_ptr + out + n, vd * Vec::loadu(sp + n));
+            at::vec::fmadd(vd, IO::load(kc + n), Vec::loadu(dsp + n)).store(dsp + n);
+          }
+          for (int64_t n = Nv; n < N; ++n) {
+            dk_ptr[out + n] = static_cast<scalar_t>(dctx * sp[n]);
+            dsp[n] += dctx * static_cast<acc_t>(kc[n]);
+          }
+          dot[p] += dctx * cx;
+        }
       }
-      acc_t* ds = ds_part.data() + task * N;
-      std::fill(ds, ds + N, acc_t(0));
-      acc_t dot = 0;
-      const int64_t c_end = std::min(C, (task % blocks + 1) * per_block);
-      for (int64_t c = (task % blocks) * per_block; c < c_end; ++c) {
-        const scalar_t* gc = g_ptr + b * g.stride(0) + c * g.stride(1) + p * g.stride(2);
-        const scalar_t* kc = k_ptr + b * k.stride(0) + c * k.stride(1) + p * k.stride(2);
-        const scalar_t* vc = v_ptr + b * v.stride(0) + c * v.stride(1) + p * v.stride(2);
-        const int64_t out = ((b * C + c) * P + p) * N;
-        const acc_t cx = ctx_at(b, c, p);
-        // dv = g * ctx where v > 0 (a select, as autograd's relu backward: 0 * inf stays 0);
-        // dctx = sum_n g * relu(v).
-        const Vec vcx(cx), zero(acc_t(0));
-        Vec vdctx(acc_t(0));
-        for (int64_t n = 0; n < Nv; n += W) {
-          const Vec gn = IO::load(gc + n), vn = IO::load(vc + n);
-          IO::store(dv_ptr + out + n, Vec::blendv(zero, gn * vcx, vn > zero));
-          vdctx = at::vec::fmadd(gn, at::vec::maximum(vn, zero), vdctx);
-        }
-        acc_t dctx = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vdctx);
-        for (int64_t n = Nv; n < N; ++n) {
-          const acc_t gn = static_cast<acc_t>(gc[n]), vn = static_cast<acc_t>(vc[n]);
-          dv_ptr[out + n] = static_cast<scalar_t>(vn > acc_t(0) ? gn * cx : acc_t(0));
-          dctx += gn * relu(vn);
-        }
-        // dk = dctx * s; ds += dctx * k.
-        const Vec vd(dctx);
-        for (int64_t n = 0; n < Nv; n += W) {
-          IO::store(dk_ptr + out + n, vd * Vec::loadu(&s[n]));
-          at::vec::fmadd(vd, IO::load(kc + n), Vec::loadu(ds + n)).store(ds + n);
-        }
-        for (int64_t n = Nv; n < N; ++n) {
-          dk_ptr[out + n] = static_cast<scalar_t>(dctx * s[n]);
-          ds[n] += dctx * static_cast<acc_t>(kc[n]);
-        }
-        dot += dctx * cx;
-      }
-      dot_part[task] = dot;
     }
   });
 
-  // dq = s * (ds - sum_c dctx * ctx), with s recomputed: q and dq are 1/C of the traffic.
-  at::parallel_for(0, B * P, task_grain(blocks, N), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(N);
+  // dq = s * (ds - sum_c dctx * ctx), s recomputed: q and dq are 1/C of the traffic.
+  const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();
+  at::parallel_for(0, B * P, task_grain(cb.count * N), [&](int64_t begin, int64_t end) {
+    acc_vector<scalar_t> s(N), ds(N);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / P, p = row % P;
       softmax_row(q_ptr + b * q.stride(0) + p * q.stride(2), N, s.data());
+      std::fill(ds.begin(), ds.end(), acc_t(0));
       acc_t dot = 0;
-      for (int64_t blk = 0; blk < blocks; ++blk) dot += dot_part[row * blocks + blk];
-      scalar_t* dqr = dq_ptr + row * N;  // dq is contiguous [B, 1, P, N]
-      for (int64_t n = 0; n < N; ++n) {
-        acc_t ds = 0;
-        for (int64_t blk = 0; blk < blocks; ++blk) ds += ds_part[(row * blocks + blk) * N + n];
-        dqr[n] = static_cast<scalar_t>(s[n] * (ds - dot));
+      for (int64_t blk = 0; blk < cb.count; ++blk) {
+        const int64_t part = (b * cb.count + blk) * P + p;
+        at::vec::map2([](Vec a, Vec x) { return a + x; }, ds.data(), ds.data(),
+                      ds_part.data() + part * N, N);
+        dot += dot_part[part];
       }
+      scalar_t* dqr = dq_ptr + row * N;
+      for (int64_t n = 0; n < N; ++n) dqr[n] = static_cast<scalar_t>(s[n] * (ds[n] - dot));
     }
   });
 }

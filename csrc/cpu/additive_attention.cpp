@@ -1,0 +1,351 @@
+// Efficient additive attention (SwiftFormer), CPU. The maths is DESIGN.md §2 (both published
+// variants); mvit2_kernels/reference.py is the oracle.
+//
+// Forward: one pass over q per (batch, token chunk) writes qn and accumulates the chunk's
+// unnormalised global query sum_n a[n] qn[n] and sum_n a[n]^2 (G is linear in the weights, so
+// the normalisation over N can wait); a fixed-order sum of the chunks gives G and ||a|| per
+// batch; one pass over k writes out = G * kn. Backward: one pass over (grad_out, k) writes dk and
+// partial dG; one pass over (grad_qn, q) writes dq and partial dw_g. Every row of D is turned
+// into the accumulation type once and reused from L1 for its 2-3 uses; the per-token norms are
+// recomputed there instead of being saved.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../additive_attention_checks.h"
+
+namespace mvit2 {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+T sum_sq(const T* x, int64_t D) {
+  return at::vec::map_reduce_all<T>([](Vec<T> v) { return v * v; },
+                                    [](Vec<T> a, Vec<T> b) { return a + b; }, x, D);
+}
+
+template <typename T>
+T dot(const T* x, const T* y, int64_t D) {
+  return at::vec::map2_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a * b; },
+                                     [](Vec<T> a, Vec<T> b) { return a + b; }, x, y, D);
+}
+
+// A row of D in the accumulation type: fp32/fp64 rows are used in place, fp16/bf16 rows are
+// converted into a buffer. As an output, the row is computed in the buffer (or in place) and
+// stored with `store`.
+template <typename scalar_t>
+struct AccRow {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> buf;
+  int64_t D;
+  explicit AccRow(int64_t D) : buf(kInPlace ? 0 : D), D(D) {}
+
+  const acc_t* load(const scalar_t* src) {
+    if constexpr (kInPlace) {
+      return src;
+    } else {
+      at::vec::convert(src, buf.data(), D);
+      return buf.data();
+    }
+  }
+  acc_t* target(scalar_t* dst) {
+    if constexpr (kInPlace) {
+      return dst;
+    } else {
+      return buf.data();
+    }
+  }
+  void store(scalar_t* dst) {
+    if constexpr (!kInPlace) at::vec::convert(buf.data(), dst, D);
+  }
+};
+
+// Row n of batch b of a [B, N, D] tensor whose D axis has unit stride.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t s0, s1;
+  T* operator()(int64_t b, int64_t n) const { return data + b * s0 + n * s1; }
+};
+template <typename T>
+Rows<const T> rows_of(const at::Tensor& x) {
+  return {x.const_data_ptr<T>(), x.stride(0), x.stride(1)};
+}
+template <typename T>
+Rows<T> mutable_rows_of(at::Tensor& x) {
+  return {x.mutable_data_ptr<T>(), x.stride(0), x.stride(1)};
+}
+
+// (batch, token chunk) tasks: enough to feed every thread at B = 1, at least 16 tokens each.
+// A function of the shape alone, not of the thread count, so the fixed-order sums of the chunks'
+// partials are the same on every run.
+struct TokenChunks {
+  int64_t count, size;
+};
+inline TokenChunks token_chunks(int64_t B, int64_t N) {
+  constexpr int64_t kMinTasks = 64, kMinTokens = 16;
+  const int64_t want = std::clamp<int64_t>((kMinTasks + B - 1) / std::max<int64_t>(B, 1), 1,
+                                           std::max<int64_t>(1, N / kMinTokens));
+  const int64_t size = std::max<int64_t>(1, (N + want - 1) / want);
+  return {std::max<int64_t>(1, (N + size - 1) / size), size};
+}
+
+// Rows per at::parallel_for chunk so that a chunk moves at least ~16K elements.
+inline int64_t row_grain(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, D)); }
+
+// w_g [D, 1] in the accumulation type, read with its stride (it is D values).
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> load_w(const at::Tensor& w_g) {
+  std::vector<at::opmath_type<scalar_t>> w(w_g.size(0));
+  const scalar_t* p = w_g.const_data_ptr<scalar_t>();
+  for (int64_t d = 0; d < w_g.size(0); ++d) w[d] = p[d * w_g.stride(0)];
+  return w;
+}
+
+// std::max(NaN, eps) is NaN (the comparison is false), as torch's clamp_min propagates NaN.
+template <typename acc_t>
+inline acc_t clamp_eps(acc_t x) {
+  return std::max(x, static_cast<acc_t>(kAdditiveEps));
+}
+
+template <typename scalar_t>
+void additive_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& w_g, AdditiveVariant variant,
+                                       at::Tensor& out, at::Tensor& qn, at::Tensor& g,
+                                       at::Tensor& a_norm) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
+  const int64_t B = k.size(0), N = k.size(1), D = k.size(2);
+  const acc_t scale = static_cast<acc_t>(additive_scale(D));
+  const std::vector<acc_t> w = load_w<scalar_t>(w_g);
+  const TokenChunks tc = token_chunks(B, N);
+  std::vector<acc_t> g_part(B * tc.count * D), ss_part(B * tc.count);
+  const auto q_rows = rows_of<scalar_t>(q), k_rows = rows_of<scalar_t>(k);
+  auto qn_rows = mutable_rows_of<scalar_t>(qn), out_rows = mutable_rows_of<scalar_t>(out);
+  acc_t* g_ptr = g.mutable_data_ptr<acc_t>();  // contiguous [B, D]
+  acc_t* a_norm_ptr = a_norm.mutable_data_ptr<acc_t>();
+
+  at::parallel_for(0, B * tc.count, 1, [&](int64_t begin, int64_t end) {
+    AccRow<scalar_t> in(D), row(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tc.count, n0 = (task % tc.count) * tc.size;
+      acc_t* gp = g_part.data() + task * D;
+      std::fill(gp, gp + D, acc_t(0));
+      acc_t ss = 0;
+      for (int64_t n = n0; n < std::min(N, n0 + tc.size); ++n) {
+        const acc_t* x = in.load(q_rows(b, n));
+        const acc_t inv = acc_t(1) / clamp_eps(std::sqrt(sum_sq(x, D)));
+        const acc_t a = dot(x, w.data(), D) * inv * scale;
+        // softmax over a size-1 axis is exp(a - a): 1, or NaN where a is not finite.
+        const acc_t weight = variant == AdditiveVariant::kNormalize ? a : std::exp(a - a);
+        ss += a * a;
+        acc_t* y = row.target(qn_rows(b, n));
+        at::vec::map([inv](V v) { return v * V(inv); }, y, x, D);
+        at::vec::map2([weight](V acc, V v) { return at::vec::fmadd(V(weight), v, acc); }, gp, gp,
+                      y, D);
+        row.store(qn_rows(b, n));
+      }
+      ss_part[task] = ss;
+    }
+  });
+
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      acc_t ss = 0;
+      acc_t* gb = g_ptr + b * D;
+      std::fill(gb, gb + D, acc_t(0));
+      for (int64_t c = 0; c < tc.count; ++c) {  // chunk order: deterministic
+        ss += ss_part[b * tc.count + c];
+        at::vec::map2([](V x, V y) { return x + y; }, gb, gb, g_part.data() + (b * tc.count + c) * D, D);
+      }
+      a_norm_ptr[b] = std::sqrt(ss);
+      const acc_t f = variant == AdditiveVariant::kNormalize ? acc_t(1) / clamp_eps(a_norm_ptr[b])
+                                                             : acc_t(1);
+      at::vec::map([f](V x) { return x * V(f); }, gb, gb, D);
+    }
+  });
+
+  at::parallel_for(0, B * N, row_grain(D), [&](int64_t begin, int64_t end) {
+    AccRow<scalar_t> in(D), row(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / N, n = r % N;
+      const acc_t* x = in.load(k_rows(b, n));
+      const acc_t inv = acc_t(1) / clamp_eps(std::sqrt(sum_sq(x, D)));
+      acc_t* y = row.target(out_rows(b, n));
+      at::vec::map2([inv](V v, V gv) { return v * V(inv) * gv; }, y, x, g_ptr + b * D, D);
+      row.store(out_rows(b, n));
+    }
+  });
+}
+
+// The backward of xn = x / max(||x||, eps) given dxn (in `y`, overwritten with dx):
+// (dxn - xn (xn . dxn)) / ||x|| where ||x|| >= eps, else dxn / eps (autograd's clamp_min
+// passes the gradient at equality and blocks it below).
+template <typename acc_t>
+void normalize_backward_inplace(acc_t* y, const acc_t* x, acc_t norm, acc_t inv, int64_t D) {
+  using V = Vec<acc_t>;
+  if (norm >= static_cast<acc_t>(kAdditiveEps)) {
+    const acc_t c = inv * inv * inv * dot(x, y, D);  // xn (xn . dxn) / ||x|| = c x
+    at::vec::map2([inv, c](V d, V v) { return d * V(inv) - v * V(c); }, y, y, x, D);
+  } else {
+    const V e(static_cast<acc_t>(kAdditiveEps));
+    at::vec::map([e](V d) { return d / e; }, y, y, D);
+  }
+}
+
+template <typename scalar_t>
+void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_qn,
+                                        const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& w_g, const at::Tensor& g_in,
+                                        const at::Tensor& a_norm_in, AdditiveVariant variant,
+                                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
+  const int64_t B = k.size(0), N = k.size(1), D = k.size(2);
+  const acc_t scale = static_cast<acc_t>(additive_scale(D));
+  const std::vector<acc_t> w = load_w<scalar_t>(w_g);
+  const at::Tensor g_c = g_in.contiguous(), a_norm = a_norm_in.contiguous();  // [B, D], [B]
+  const acc_t* G = g_c.const_data_ptr<acc_t>();
+  const acc_t* a_norm_ptr = a_norm.const_data_ptr<acc_t>();
+  const TokenChunks tc = token_chunks(B, N);
+  std::vector<acc_t> part(B * tc.count * D), dg(B * D), dgg(B);
+  const auto go_rows = rows_of<scalar_t>(grad_out), gq_rows = rows_of<scalar_t>(grad_qn);
+  const auto q_rows = rows_of<scalar_t>(q), k_rows = rows_of<scalar_t>(k);
+  auto dq_rows = mutable_rows_of<scalar_t>(dq), dk_rows = mutable_rows_of<scalar_t>(dk);
+
+  // Pass 1: dkn = grad_out * G -> dk; partial dG = sum_n grad_out * kn.
+  at::parallel_for(0, B * tc.count, 1, [&](int64_t begin, int64_t end) {
+    AccRow<scalar_t> kin(D), goin(D), row(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tc.count, n0 = (task % tc.count) * tc.size;
+      acc_t* dgp = part.data() + task * D;
+      std::fill(dgp, dgp + D, acc_t(0));
+      for (int64_t n = n0; n < std::min(N, n0 + tc.size); ++n) {
+        const acc_t* x = kin.load(k_rows(b, n));
+        const acc_t* go = goin.load(go_rows(b, n));
+        const acc_t norm = std::sqrt(sum_sq(x, D)), inv = acc_t(1) / clamp_eps(norm);
+        at::vec::map3([inv](V acc, V gov, V v) { return at::vec::fmadd(gov, v * V(inv), acc); },
+                      dgp, dgp, go, x, D);
+        acc_t* y = row.target(dk_rows(b, n));
+        at::vec::map2([](V gov, V gv) { return gov * gv; }, y, go, G + b * D, D);
+        normalize_backward_inplace(y, x, norm, inv, D);
+        row.store(dk_rows(b, n));
+      }
+    }
+  });
+
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      acc_t* dgb = dg.data() + b * D;
+      std::fill(dgb, dgb + D, acc_t(0));
+      for (int64_t c = 0; c < tc.count; ++c) {
+        at::vec::map2([](V x, V y) { return x + y; }, dgb, dgb, part.data() + (b * tc.count + c) * D, D);
+      }
+      dgg[b] = dot(dgb, G + b * D, D);  // = sum_n alpha[n] dalpha[n]
+    }
+  });
+
+  // Pass 2: dqn = grad_qn + alpha dG + da scale w_g -> dq; partial dw_g = sum_n da scale qn.
+  at::parallel_for(0, B * tc.count, 1, [&](int64_t begin, int64_t end) {
+    AccRow<scalar_t> qin(D), gqin(D), row(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tc.count, n0 = (task % tc.count) * tc.size;
+      const acc_t* dgb = dg.data() + b * D;
+      acc_t* dwp = part.data() + task * D;  // pass 1's partials are consumed: reuse the buffer
+      std::fill(dwp, dwp + D, acc_t(0));
+      const acc_t ra = a_norm_ptr[b], ra_c = clamp_eps(ra);
+      for (int64_t n = n0; n < std::min(N, n0 + tc.size); ++n) {
+        const acc_t* x = qin.load(q_rows(b, n));
+        const acc_t* gq = gqin.load(gq_rows(b, n));
+        const acc_t norm = std::sqrt(sum_sq(x, D)), inv = acc_t(1) / clamp_eps(norm);
+        const acc_t a = dot(x, w.data(), D) * inv * scale;
+        const acc_t dalpha = dot(x, dgb, D) * inv;
+        acc_t alpha, da;
+        if (variant == AdditiveVariant::kNormalize) {
+          alpha = a / ra_c;
+          da = ra >= static_cast<acc_t>(kAdditiveEps) ? (dalpha - alpha * dgg[b]) / ra_c
+                                                      : dalpha / static_cast<acc_t>(kAdditiveEps);
+        } else {  // softmax's backward on a size-1 axis: 0 for every finite weight
+          alpha = std::exp(a - a);
+          da = alpha * (dalpha - alpha * dalpha);
+        }
+        const acc_t das = da * scale;
+        at::vec::map2([das, inv](V acc, V v) { return at::vec::fmadd(V(das * inv), v, acc); }, dwp,
+                      dwp, x, D);
+        acc_t* y = row.target(dq_rows(b, n));
+        at::vec::map3([alpha, das](V gqv, V dgv, V wv) { return gqv + V(alpha) * dgv + V(das) * wv; },
+                      y, gq, dgb, w.data(), D);
+        normalize_backward_inplace(y, x, norm, inv, D);
+        row.store(dq_rows(b, n));
+      }
+    }
+  });
+
+  // dw_g: every (batch, chunk) partial summed in task order.
+  std::vector<acc_t> dw_acc(D, acc_t(0));
+  for (int64_t task = 0; task < B * tc.count; ++task) {
+    at::vec::map2([](V x, V y) { return x + y; }, dw_acc.data(), dw_acc.data(), part.data() + task * D, D);
+  }
+  scalar_t* dw_ptr = dw.mutable_data_ptr<scalar_t>();  // contiguous [D, 1]
+  for (int64_t d = 0; d < D; ++d) dw_ptr[d] = static_cast<scalar_t>(dw_acc[d]);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_forward_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& w_g,
+    c10::string_view variant) {
+  check_additive_attention_inputs(q_in, k_in, w_g);
+  const AdditiveVariant v = parse_additive_variant(variant);
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in);
+  const int64_t B = k.size(0), D = k.size(2);
+  const auto acc = k.options().dtype(acc_type(k.scalar_type()));
+  at::Tensor out = at::empty(k.sizes(), k.options()), qn = at::empty(q.sizes(), q.options());
+  at::Tensor g = at::empty({B, D}, acc), a_norm = at::empty({B}, acc);
+  if (B == 0) return {out, qn, g, a_norm};
+  if (D == 0) return {out, qn, g, a_norm.zero_()};  // every weight is an empty dot product: 0
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),
+                                  "additive_attention_forward_cpu", [&] {
+                                    additive_attention_forward_kernel<scalar_t>(q, k, w_g, v, out,
+                                                                                qn, g, a_norm);
+                                  });
+  return {out, qn, g, a_norm};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& grad_qn_in, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& w_g, const at::Tensor& g,
+    const at::Tensor& a_norm, c10::string_view variant) {
+  check_additive_attention_backward_inputs(grad_out_in, grad_qn_in, q_in, k_in, w_g, g, a_norm);
+  const AdditiveVariant v = parse_additive_variant(variant);
+  const at::Tensor go = unit_last_stride(grad_out_in), gq = unit_last_stride(grad_qn_in),
+                   q = unit_last_stride(q_in), k = unit_last_stride(k_in);
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  at::Tensor dw = at::empty({k.size(2), 1}, w_g.options());
+  if (k.size(2) == 0) return {dq, dk, dw};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),
+                                  "additive_attention_backward_cpu", [&] {
+                                    additive_attention_backward_kernel<scalar_t>(
+                                        go, gq, q, k, w_g, g, a_norm, v, dq, dk, dw);
+                                  });
+  return {dq, dk, dw};
+}
+
+TORCH_LIBRARY_IMPL(mvit2, CPU, m) {
+  m.impl("additive_attention_forward", &additive_attention_forward_cpu);
+  m.impl("additive_attention_backward", &additive_attention_backward_cpu);
+}
+
+}  // namespace mvit2
