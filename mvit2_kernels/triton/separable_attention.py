@@ -1,0 +1,322 @@
+"""Separable self-attention (MobileViTv2) in Triton: the forward and two-pass backward kernels.
+
+The layout mirrors ``csrc/cpu/separable_attention.cpp``: one program per (row ``b, p``, tile of
+``BLOCK_C`` channels). Each program recomputes the row's softmax over N from q (1/C of the data)
+in two passes (max, then sum), looping over ``BLOCK_N`` tiles so any N fits. The maths is
+DESIGN.md §1; ``mvit2_kernels/reference.py`` is the oracle.
+
+Inputs are indexed with the strides of dims 0..2 and unit stride along N, so the q/k/v views of
+one qkv tensor are read in place. fp16/bf16 are upcast to float32 as they are loaded; float32 and
+float64 are computed in their own dtype. The accumulation dtype is taken from ``ctx`` (float32,
+or float64 for float64 inputs), which every kernel receives.
+
+Both host functions are ``torch.library.triton_op``\\ s launching through ``wrap_triton``, so
+``torch.compile`` sees the kernels rather than an opaque call.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import custom_op, triton_op, wrap_triton
+
+from ..ops import _acc_dtype, _check_inputs
+
+__all__ = ["separable_attention_backward", "separable_attention_forward"]
+
+# Under the interpreter every autotuning config would be run (slowly, in numpy), so one fixed
+# config is used there; BLOCK_N is small so that tests cover several N tiles cheaply.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_FIXED = {"BLOCK_C": 16, "BLOCK_N": 64, "num_warps": 4}
+
+
+def _autotune(configs: list[tuple[dict, int]], key: list[str]):
+    """``triton.autotune`` over ``(meta, num_warps)`` configs on a GPU; identity if interpreted."""
+    if _INTERPRET:
+        return lambda fn: fn
+    return triton.autotune([triton.Config(m, num_warps=w) for m, w in configs], key=key)
+
+
+def _triton_op(name: str):
+    """``triton_op`` on a GPU. The interpreter runs kernels on host copies of real tensors, so it
+    cannot be traced into: there the op is an opaque ``custom_op`` whose fake kernel is the same
+    function, which stops before launching when its tensors are fake (see ``_tracing``)."""
+    if not _INTERPRET:
+        return triton_op(name, mutates_args=())
+
+    def register(fn):
+        op = custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+
+    return register
+
+
+def _tracing(t: Tensor) -> bool:
+    """Whether an interpreted op is being traced (fake tensors): allocate, launch nothing."""
+    return _INTERPRET and is_fake(t)
+
+
+@triton.jit
+def _softmax_stats(q_row, N, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """Max and 1/sum of exp(q - max) over a row of N, in ACC, two passes of BLOCK_N tiles.
+
+    Two passes rather than an online rescale: a leading tile of -inf would otherwise turn the
+    running sum into NaN where torch.softmax gives a finite result.
+    """
+    offs = tl.arange(0, BLOCK_N)
+    mx = tl.full([BLOCK_N], float("-inf"), ACC)
+    for n0 in range(0, N, BLOCK_N):
+        x = tl.load(q_row + n0 + offs, mask=n0 + offs < N, other=float("-inf")).to(ACC)
+        mx = tl.maximum(mx, x)
+    m = tl.max(mx, axis=0)
+    acc = tl.zeros([BLOCK_N], ACC)
+    for n0 in range(0, N, BLOCK_N):
+        mask = n0 + offs < N
+        x = tl.load(q_row + n0 + offs, mask=mask, other=float("-inf")).to(ACC)
+        acc += tl.where(mask, tl.exp(x - m), 0.0)
+    return m, 1.0 / tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _relu(x):
+    # torch.relu propagates NaN; tl.maximum(x, 0) need not.
+    return tl.where(x < 0, 0.0, x)
+
+
+@_autotune(
+    [({"BLOCK_C": c, "BLOCK_N": n}, w) for c, n, w in
+     ((8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 4), (32, 256, 8), (64, 64, 4),
+      (64, 128, 8))],
+    key=["C", "N"],  # the autotuner adds the tensors' dtypes to the key
+)
+@triton.jit
+def _separable_attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, y_ptr, ctx_ptr,
+    C, P, N,
+    q_s0, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (row, tile): ctx[c] = sum_n s[n] k[c, n]; y[c, n] = relu(v[c, n]) ctx[c]."""
+    ACC: tl.constexpr = ctx_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors may exceed 2**31 elements
+    b, p = row // P, row % P
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    offs = tl.arange(0, BLOCK_N)
+    q_row = q_ptr + b * q_s0 + p * q_s2
+    m, inv_sum = _softmax_stats(q_row, N, BLOCK_N, ACC)
+
+    k_rows = k_ptr + b * k_s0 + p * k_s2 + c[:, None] * k_s1
+    acc = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    for n0 in range(0, N, BLOCK_N):
+        n_mask = n0 + offs < N
+        x = tl.load(q_row + n0 + offs, mask=n_mask, other=float("-inf")).to(ACC)
+        s = tl.where(n_mask, tl.exp(x - m) * inv_sum, 0.0)
+        kk = tl.load(k_rows + n0 + offs[None, :], mask=c_mask[:, None] & n_mask[None, :],
+                     other=0.0).to(ACC)
+        acc += kk * s[None, :]
+    ctx = tl.sum(acc, axis=1)
+    tl.store(ctx_ptr + (b * C + c) * P + p, ctx, mask=c_mask)  # ctx: contiguous [B, C, P, 1]
+
+    v_rows = v_ptr + b * v_s0 + p * v_s2 + c[:, None] * v_s1
+    y_rows = y_ptr + ((b * C + c[:, None]) * P + p) * N  # y: contiguous [B, C, P, N]
+    for n0 in range(0, N, BLOCK_N):
+        mask = c_mask[:, None] & (n0 + offs < N)[None, :]
+        vv = tl.load(v_rows + n0 + offs[None, :], mask=mask, other=0.0).to(ACC)
+        y = _relu(vv) * ctx[:, None]
+        tl.store(y_rows + n0 + offs[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_autotune(
+    [({"BLOCK_N": n}, w) for n, w in ((64, 4), (128, 4), (128, 8), (256, 8))],
+    key=["C", "N", "BLOCK_C"],  # BLOCK_C is chosen by the host: it sizes the ds workspace
+)
+@triton.jit
+def _separable_attention_backward_kernel(
+    g_ptr, q_ptr, k_ptr, v_ptr, ctx_ptr, dk_ptr, dv_ptr, ds_ptr, dot_ptr,
+    C, P, N, TILES,
+    g_s0, g_s1, g_s2, q_s0, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, ctx_s0, ctx_s1, ctx_s2,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Pass 1, program (row, tile): dv, dctx = sum_n g relu(v), dk = dctx s, and this tile's
+    partial ds[n] = sum_c dctx[c] k[c, n] and sum_c dctx[c] ctx[c] into the workspaces."""
+    ACC: tl.constexpr = ctx_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    b, p = row // P, row % P
+    c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    offs = tl.arange(0, BLOCK_N)
+    q_row = q_ptr + b * q_s0 + p * q_s2
+    m, inv_sum = _softmax_stats(q_row, N, BLOCK_N, ACC)
+    ctx = tl.load(ctx_ptr + b * ctx_s0 + c * ctx_s1 + p * ctx_s2, mask=c_mask, other=0.0)
+
+    g_rows = g_ptr + b * g_s0 + p * g_s2 + c[:, None] * g_s1
+    v_rows = v_ptr + b * v_s0 + p * v_s2 + c[:, None] * v_s1
+    out_rows = ((b * C + c[:, None]) * P + p) * N  # dk, dv: contiguous [B, C, P, N]
+    acc = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    for n0 in range(0, N, BLOCK_N):
+        mask = c_mask[:, None] & (n0 + offs < N)[None, :]
+        gg = tl.load(g_rows + n0 + offs[None, :], mask=mask, other=0.0).to(ACC)
+        vv = tl.load(v_rows + n0 + offs[None, :], mask=mask, other=0.0).to(ACC)
+        # A select, as autograd's relu backward: g * ctx = inf or NaN where v <= 0 still gives 0.
+        dv = tl.where(vv > 0, gg * ctx[:, None], 0.0)
+        tl.store(dv_ptr + out_rows + n0 + offs[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        acc += gg * _relu(vv)
+    dctx = tl.sum(acc, axis=1)
+    tl.store(dot_ptr + row * TILES + tile, tl.sum(dctx * ctx, axis=0))
+
+    k_rows = k_ptr + b * k_s0 + p * k_s2 + c[:, None] * k_s1
+    ds_row = ds_ptr + (row * TILES + tile) * N  # ds workspace: [B * P, TILES, N]
+    for n0 in range(0, N, BLOCK_N):
+        n_mask = n0 + offs < N
+        mask = c_mask[:, None] & n_mask[None, :]
+        x = tl.load(q_row + n0 + offs, mask=n_mask, other=float("-inf")).to(ACC)
+        s = tl.where(n_mask, tl.exp(x - m) * inv_sum, 0.0)
+        dk = dctx[:, None] * s[None, :]
+        tl.store(dk_ptr + out_rows + n0 + offs[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask)
+        kk = tl.load(k_rows + n0 + offs[None, :], mask=mask, other=0.0).to(ACC)
+        tl.store(ds_row + n0 + offs, tl.sum(dctx[:, None] * kk, axis=0), mask=n_mask)
+
+
+@_autotune([({"BLOCK_N": n}, w) for n, w in ((64, 2), (128, 4), (256, 4), (512, 8))], key=["N"])
+@triton.jit
+def _separable_attention_backward_dq_kernel(
+    q_ptr, dq_ptr, ds_ptr, dot_ptr,
+    P, N, TILES,
+    q_s0, q_s2,
+    BLOCK_N: tl.constexpr,
+):
+    """Pass 2, program per row: dq = s (ds - sum_c dctx ctx), the tiles' partials summed in
+    tile order, so the result does not depend on scheduling (no atomics)."""
+    ACC: tl.constexpr = ds_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    b, p = row // P, row % P
+    offs = tl.arange(0, BLOCK_N)
+    q_row = q_ptr + b * q_s0 + p * q_s2
+    m, inv_sum = _softmax_stats(q_row, N, BLOCK_N, ACC)
+    dot = tl.zeros([1], ACC)
+    for t in range(0, TILES):
+        dot += tl.load(dot_ptr + row * TILES + t + tl.arange(0, 1))
+    for n0 in range(0, N, BLOCK_N):
+        n_mask = n0 + offs < N
+        x = tl.load(q_row + n0 + offs, mask=n_mask, other=float("-inf")).to(ACC)
+        s = tl.exp(x - m) * inv_sum
+        ds = tl.zeros([BLOCK_N], ACC)
+        for t in range(0, TILES):
+            ds += tl.load(ds_ptr + (row * TILES + t) * N + n0 + offs, mask=n_mask, other=0.0)
+        dq = s * (ds - dot)
+        tl.store(dq_ptr + row * N + n0 + offs, dq.to(dq_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _unit_last_stride(x: Tensor) -> Tensor:
+    """The kernels step along N with unit stride; only a strided last axis is copied."""
+    return x if x.size(-1) <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def _backward_block_c(rows: int, C: int) -> int:
+    """Channels per pass-1 program, fixed on the host because it sizes the ds workspace:
+    as wide as 64, narrower while that leaves too few programs to fill a GPU."""
+    if _INTERPRET:
+        return _FIXED["BLOCK_C"]
+    block = 64
+    while block > 8 and rows * triton.cdiv(C, block) < 1024:
+        block //= 2
+    return min(block, max(8, triton.next_power_of_2(C)))
+
+
+@_triton_op("mvit2::separable_attention_forward_triton")
+def separable_attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward op: ``(y, ctx)``, the contract of ``separable_attention_forward_reference``.
+
+    Args:
+        q: ``Tensor[B, 1, P, N]``; k, v: ``Tensor[B, C, P, N]``; one float dtype, one device.
+
+    Returns:
+        ``y: Tensor[B, C, P, N]`` contiguous in the input dtype and
+        ``ctx: Tensor[B, C, P, 1]`` contiguous in float32 (float64 for float64 inputs).
+    """
+    _check_inputs(q, k, v)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    B, C, P, N = k.shape
+    y = torch.empty((B, C, P, N), dtype=k.dtype, device=k.device)
+    ctx = torch.empty((B, C, P, 1), dtype=_acc_dtype(k.dtype), device=k.device)
+    if y.numel() == 0:  # N = 0 leaves ctx = an empty sum = 0; nothing to launch
+        return y, ctx.zero_()
+    if _tracing(y):
+        return y, ctx
+    rows = B * P
+    fixed = _FIXED if _INTERPRET else {}
+    wrap_triton(_separable_attention_forward_kernel)[
+        lambda meta: (rows, triton.cdiv(C, meta["BLOCK_C"]))
+    ](
+        q, k, v, y, ctx, C, P, N,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        **fixed,
+    )
+    return y, ctx
+
+
+@_triton_op("mvit2::separable_attention_backward_triton")
+def separable_attention_backward(
+    grad_y: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward op: ``(dq, dk, dv)``, the contract of ``separable_attention_backward_reference``.
+
+    Args:
+        grad_y: ``Tensor[B, C, P, N]`` in the dtype of q, k, v.
+        q, k, v: the forward's inputs.
+        ctx: ``Tensor[B, C, P, 1]`` from the forward (float32, float64 for float64 inputs).
+
+    Returns:
+        ``dq: Tensor[B, 1, P, N]``, ``dk, dv: Tensor[B, C, P, N]``, contiguous, input dtype.
+    """
+    _check_inputs(q, k, v)
+    _check_backward_extras(grad_y, k, ctx)
+    g, q, k, v = (_unit_last_stride(t) for t in (grad_y, q, k, v))
+    B, C, P, N = k.shape
+    dq = torch.empty((B, 1, P, N), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, C, P, N), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, C, P, N), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or _tracing(dq):  # dq empty: dk and dv are empty too
+        return dq, dk, dv
+    rows = B * P
+    block_c = _backward_block_c(rows, C)
+    tiles = triton.cdiv(C, block_c)
+    # Per (row, tile) partials, summed by pass 2 in tile order. With C = 0 there are no tiles
+    # and pass 2 alone writes dq = s * (0 - 0), as the reference does.
+    ds = torch.empty((rows, tiles, N), dtype=ctx.dtype, device=k.device)
+    dot = torch.empty((rows, tiles), dtype=ctx.dtype, device=k.device)
+    fixed = {"BLOCK_N": _FIXED["BLOCK_N"], "num_warps": _FIXED["num_warps"]} if _INTERPRET else {}
+    if tiles > 0:
+        wrap_triton(_separable_attention_backward_kernel)[(rows, tiles)](
+            g, q, k, v, ctx, dk, dv, ds, dot, C, P, N, tiles,
+            g.stride(0), g.stride(1), g.stride(2), q.stride(0), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            ctx.stride(0), ctx.stride(1), ctx.stride(2),
+            BLOCK_C=block_c, **fixed,
+        )
+    wrap_triton(_separable_attention_backward_dq_kernel)[(rows,)](
+        q, dq, ds, dot, P, N, tiles, q.stride(0), q.stride(2), **fixed,
+    )
+    return dq, dk, dv
+
+
+def _check_backward_extras(grad_y: Tensor, k: Tensor, ctx: Tensor) -> None:
+    """What the backward takes beyond (q, k, v): grad_y like k, ctx [B, C, P, 1] in acc dtype."""
+    B, C, P, _ = k.shape
+    for name, t, dtype, shape in (
+        ("grad_y", grad_y, k.dtype, list(k.shape)),
+        ("ctx", ctx, _acc_dtype(k.dtype), [B, C, P, 1]),
+    ):
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+        if t.device != k.device:
+            raise ValueError(f"{name} must be on {k.device} like k, got {t.device}")
+        if list(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {list(t.shape)}")
