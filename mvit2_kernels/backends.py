@@ -7,7 +7,6 @@ when it cannot run the given tensors.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -33,14 +32,22 @@ def compiled_cuda() -> bool:
     return _C is not None and bool(_C.cuda_built)
 
 
-@functools.cache
-def triton_usable() -> bool:
-    """Whether Triton kernels can launch here: on a CUDA device, or under TRITON_INTERPRET=1."""
+def _triton_usable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Decided once at import (TRITON_INTERPRET is read by triton.jit then too); a plain bool keeps
+# resolve_backend free of caches that torch.compile would have to trace.
+_TRITON_USABLE = _triton_usable()
+
+
+def triton_usable() -> bool:
+    """Whether Triton kernels can launch here: on a CUDA device, or under TRITON_INTERPRET=1."""
+    return _TRITON_USABLE
 
 
 def available_backends() -> list[str]:
