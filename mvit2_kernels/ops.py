@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .reference import separable_attention_reference
+from .reference import additive_attention_reference, separable_attention_reference
 
-__all__ = ["separable_attention"]
+__all__ = ["additive_attention", "separable_attention"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -138,3 +138,128 @@ if backends.compiled_cpu():
     @torch.library.register_fake("mvit2::separable_attention_backward")
     def _(grad_y: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: Tensor):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# --- Efficient additive attention (SwiftFormer), DESIGN §2 -------------------------------------
+#
+#     additive_attention_forward(q, k, w_g, variant) -> (out, qn, g, a_norm)
+#     additive_attention_backward(grad_out, grad_qn, q, k, w_g, g, a_norm, variant)
+#         -> (dq, dk, dw_g)
+#
+# g = G [B, D] and a_norm = ||a|| over N [B] are float32 (float64 for float64 inputs).
+
+_ADDITIVE_VARIANTS = ("normalize", "softmax")
+
+
+def additive_attention(
+    q: Tensor, k: Tensor, w_g: Tensor, *, variant: str = "normalize", backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """SwiftFormer's efficient additive attention, fused, up to its ``proj`` Linear.
+
+    ``qn, kn = normalize(q), normalize(k)`` over D; token weights ``a = (qn @ w_g) * D**-0.5``,
+    turned into ``alpha`` over the N tokens; global query ``G = sum_n alpha[n] qn[n]``. The layer
+    then computes ``final(proj(G * kn) + qn)``.
+
+    Args:
+        q: ``Tensor[B, N, D]``, the output of ``to_query``.
+        k: ``Tensor[B, N, D]``, the output of ``to_key``. Rows are read in place with their
+            strides; only a strided D axis is copied.
+        w_g: ``Tensor[D, 1]``, the learned weight vector, in the dtype of q and k.
+        variant: ``"normalize"``: ``alpha = a / ||a||`` over N (the fixed SwiftFormer code, timm);
+            ``"softmax"``: softmax over the size-1 last axis (the original release,
+            transformers), so every ``alpha`` is 1 and ``G = sum_n qn[n]``.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        ``(G * kn, qn)``, both ``Tensor[B, N, D]`` in the input dtype (fp16/bf16 accumulated in
+        float32). Differentiable once with respect to q, k and w_g.
+    """
+    _check_additive_inputs(q, k, w_g, variant)
+    backend = backends.resolve_backend(backend, q.device)
+    if backend == "reference":
+        return additive_attention_reference(q, k, w_g, variant)
+    return AdditiveAttentionFunction.apply(q, k, w_g, variant, backend)
+
+
+class AdditiveAttentionFunction(torch.autograd.Function):
+    """Autograd over one backend's additive-attention ops. Saves q, k, w_g (no copies), G and
+    ||a||; the per-token norms are recomputed from the rows the backward reads anyway."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, w_g: Tensor, variant: str, backend: str):
+        out, qn, g, a_norm = _additive_op(backend, "forward")(q, k, w_g, variant)
+        ctx.save_for_backward(q, k, w_g, g, a_norm)
+        ctx.variant, ctx.backend = variant, backend
+        return out, qn
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_qn: Tensor):
+        q, k, w_g, g, a_norm = ctx.saved_tensors
+        grads = _additive_op(ctx.backend, "backward")(
+            grad_out, grad_qn, q, k, w_g, g, a_norm, ctx.variant
+        )
+        if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
+            # _NoDoubleBackward ties its outputs to its first four tensors; w_g rides along as a
+            # fifth so that it is a dependency too, and its pass-through view is dropped.
+            grads = _NoDoubleBackward.apply(
+                "additive_attention", grad_out, grad_qn, q, k, w_g, *grads
+            )[1:]
+        return *grads, None, None
+
+
+def _additive_op(backend: str, direction: str):
+    """The ``forward`` or ``backward`` op of a backend: Triton's module, or the C++ ops."""
+    if backend == "triton":
+        from .triton import additive_attention as triton_ops
+
+        return getattr(triton_ops, f"additive_attention_{direction}")
+    return getattr(torch.ops.mvit2, f"additive_attention_{direction}")
+
+
+def _check_additive_inputs(q: Tensor, k: Tensor, w_g: Tensor, variant: str) -> None:
+    """DESIGN §5: errors name the argument and the expected shape."""
+    if variant not in _ADDITIVE_VARIANTS:
+        raise ValueError(f"variant must be one of {_ADDITIVE_VARIANTS}, got {variant!r}")
+    _check_float_like({"q": q, "k": k, "w_g": w_g}, like="k")
+    if k.dim() != 3:
+        raise ValueError(f"k must be a 3-D tensor [B, N, D], got shape {list(k.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(
+            f"q must have shape [B, N, D] = {list(k.shape)} like k, got {list(q.shape)}"
+        )
+    D = k.shape[-1]
+    if tuple(w_g.shape) != (D, 1):
+        raise ValueError(f"w_g must have shape [D, 1] = {[D, 1]}, got {list(w_g.shape)}")
+
+
+def _check_float_like(tensors: dict[str, Tensor], like: str) -> None:
+    """Every tensor is a float tensor with the dtype and device of ``tensors[like]``."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    ref = tensors[like]
+    for name, t in tensors.items():
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {like} has {ref.dtype}: one dtype")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {like} is on {ref.device}: one device")
+
+
+if backends.compiled_cpu():
+
+    @torch.library.register_fake("mvit2::additive_attention_forward")
+    def _(q: Tensor, k: Tensor, w_g: Tensor, variant: str):
+        B, _N, D = k.shape
+        acc = _acc_dtype(k.dtype)
+        return (
+            k.new_empty(k.shape),
+            q.new_empty(q.shape),
+            k.new_empty((B, D), dtype=acc),
+            k.new_empty((B,), dtype=acc),
+        )
+
+    @torch.library.register_fake("mvit2::additive_attention_backward")
+    def _(grad_out, grad_qn, q, k, w_g, g, a_norm, variant: str):
+        return q.new_empty(q.shape), k.new_empty(k.shape), w_g.new_empty(w_g.shape)

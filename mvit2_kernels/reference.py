@@ -6,9 +6,13 @@ Nothing here is fused or fast; it is written to be read next to ``DESIGN.md`` §
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "additive_attention_backward_reference",
+    "additive_attention_forward_reference",
+    "additive_attention_reference",
     "separable_attention_backward_reference",
     "separable_attention_forward_reference",
     "separable_attention_reference",
@@ -61,3 +65,131 @@ def separable_attention_backward_reference(
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- Efficient additive attention (SwiftFormer), DESIGN §2 -------------------------------------
+
+# F.normalize's default, used for q, k and the token weights by every published SwiftFormer.
+ADDITIVE_EPS = 1e-12
+ADDITIVE_VARIANTS = ("normalize", "softmax")
+
+
+def _additive_scale(D: int) -> float:
+    """The published ``scale_factor = token_dim ** -0.5`` (token_dim = D in SwiftFormer). D = 0
+    has no tokens' worth of features: the weights are then 0, not 0 * inf."""
+    return D**-0.5 if D > 0 else 0.0
+
+
+def additive_attention_reference(
+    q: Tensor, k: Tensor, w_g: Tensor, variant: str = "normalize"
+) -> tuple[Tensor, Tensor]:
+    """SwiftFormer's efficient additive attention up to ``proj``, as published, autograd-able.
+
+    Args:
+        q: ``Tensor[B, N, D]``, the output of ``to_query``.
+        k: ``Tensor[B, N, D]``, the output of ``to_key``.
+        w_g: ``Tensor[D, 1]``, the learned token-weight vector.
+        variant: ``"normalize"`` (the fixed SwiftFormer code and timm: L2-normalise the token
+            weights over N) or ``"softmax"`` (the original release and transformers: softmax
+            over the size-1 last axis, so every weight is exactly 1).
+
+    Returns:
+        ``(G * kn, qn)``, both ``Tensor[B, N, D]``: the input of ``proj`` and the residual.
+    """
+    qn = F.normalize(q, dim=-1, eps=ADDITIVE_EPS)
+    kn = F.normalize(k, dim=-1, eps=ADDITIVE_EPS)
+    a = (qn @ w_g) * _additive_scale(q.shape[-1])  # [B, N, 1]
+    if variant == "normalize":
+        alpha = F.normalize(a, dim=1, eps=ADDITIVE_EPS)
+    elif variant == "softmax":
+        alpha = a.softmax(dim=-1)
+    else:
+        raise ValueError(f"variant must be one of {ADDITIVE_VARIANTS}, got {variant!r}")
+    g = (alpha * qn).sum(dim=1, keepdim=True)  # [B, 1, D]
+    return g * kn, qn
+
+
+def additive_attention_forward_reference(
+    q: Tensor, k: Tensor, w_g: Tensor, variant: str = "normalize"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward op's contract: ``(out, qn, g, a_norm)``.
+
+    ``out = G * kn`` and ``qn`` are ``Tensor[B, N, D]`` in the input dtype; the saved statistics
+    ``g = G: Tensor[B, D]`` and ``a_norm = ||a||_2 over N: Tensor[B]`` (unclamped) are float32
+    (float64 for float64 inputs). The per-token norms are not saved: the backward recomputes them
+    from the rows it reads anyway.
+    """
+    acc = _acc_dtype(q.dtype)
+    qf, kf, wf = q.to(acc), k.to(acc), w_g.to(acc)
+    qn = F.normalize(qf, dim=-1, eps=ADDITIVE_EPS)
+    kn = F.normalize(kf, dim=-1, eps=ADDITIVE_EPS)
+    a = (qn @ wf)[..., 0] * _additive_scale(q.shape[-1])  # [B, N]
+    a_norm = torch.linalg.vector_norm(a, dim=1)
+    alpha = _additive_weights(a, a_norm, variant)
+    g = (alpha[..., None] * qn).sum(dim=1)
+    return (g[:, None, :] * kn).to(q.dtype), qn.to(q.dtype), g, a_norm
+
+
+def additive_attention_backward_reference(
+    grad_out: Tensor,
+    grad_qn: Tensor,
+    q: Tensor,
+    k: Tensor,
+    w_g: Tensor,
+    g: Tensor,
+    a_norm: Tensor,
+    variant: str = "normalize",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward op's contract: ``(dq, dk, dw_g)`` in the input dtype, derived by hand.
+
+    With ``r = max(||x||, eps)`` the backward of ``xn = x / r`` is
+    ``(dxn - xn (xn . dxn)) / r`` where ``||x|| >= eps`` and ``dxn / eps`` where it is clamped
+    (autograd's clamp_min passes the gradient at equality). Per batch:
+
+        dG      = sum_n grad_out[n] * kn[n]                  dkn[n] = grad_out[n] * G
+        dalpha  = qn . dG
+        da      = normalize: (dalpha - alpha (dG . G)) / r_a   (sum_m alpha[m] dalpha[m] = dG . G)
+                  softmax:   alpha (dalpha - alpha dalpha)     (0 for every finite weight)
+        dqn[n]  = grad_qn[n] + alpha[n] dG + da[n] * scale * w_g
+        dw_g    = sum_{b, n} da[n] * scale * qn[n]
+    """
+    acc = _acc_dtype(q.dtype)
+    go, gq, qf, kf, wf = (t.to(acc) for t in (grad_out, grad_qn, q, k, w_g))
+    scale = _additive_scale(q.shape[-1])
+    qn, q_norm = _normalize_with_norm(qf)
+    kn, k_norm = _normalize_with_norm(kf)
+    dg = (go * kn).sum(dim=1)  # [B, D]
+    dk = _normalize_backward(go * g[:, None, :], kn, k_norm)
+    a = (qn @ wf)[..., 0] * scale
+    alpha = _additive_weights(a, a_norm, variant)
+    dalpha = (qn * dg[:, None, :]).sum(dim=-1)  # [B, N]
+    if variant == "normalize":
+        ra = a_norm.clamp_min(ADDITIVE_EPS)[:, None]
+        dot = (dg * g).sum(dim=-1, keepdim=True)
+        da = torch.where(a_norm[:, None] >= ADDITIVE_EPS, (dalpha - alpha * dot) / ra,
+                         dalpha / ADDITIVE_EPS)
+    else:
+        da = alpha * (dalpha - alpha * dalpha)
+    dqn = gq + alpha[..., None] * dg[:, None, :] + (da * scale)[..., None] * wf[:, 0]
+    dq = _normalize_backward(dqn, qn, q_norm)
+    dw = ((da * scale)[..., None] * qn).sum(dim=(0, 1))[:, None]
+    return dq.to(q.dtype), dk.to(k.dtype), dw.to(w_g.dtype)
+
+
+def _additive_weights(a: Tensor, a_norm: Tensor, variant: str) -> Tensor:
+    """alpha[B, N] from a[B, N]: normalised over N, or softmax over a size-1 axis (exp(a - a))."""
+    if variant == "normalize":
+        return a / a_norm.clamp_min(ADDITIVE_EPS)[:, None]
+    if variant == "softmax":
+        return torch.exp(a - a)
+    raise ValueError(f"variant must be one of {ADDITIVE_VARIANTS}, got {variant!r}")
+
+
+def _normalize_with_norm(x: Tensor) -> tuple[Tensor, Tensor]:
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / norm.clamp_min(ADDITIVE_EPS), norm
+
+
+def _normalize_backward(dxn: Tensor, xn: Tensor, norm: Tensor) -> Tensor:
+    full = (dxn - xn * (xn * dxn).sum(dim=-1, keepdim=True)) / norm.clamp_min(ADDITIVE_EPS)
+    return torch.where(norm >= ADDITIVE_EPS, full, dxn / ADDITIVE_EPS)
