@@ -8,6 +8,8 @@
 // partial dG; one pass over (grad_qn, q) writes dq and partial dw_g. Every row of D is turned
 // into the accumulation type once and reused from L1 for its 2-3 uses; the per-token norms are
 // recomputed there instead of being saved.
+#include "vec_isa.h"  // first: it configures at::vec
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
