@@ -1,0 +1,97 @@
+"""Drop-in attention modules built on the fused ops.
+
+``SeparableAttention`` is MobileViTv2's linear self-attention with the parameter layout of
+ml-cvnets, transformers and timm (``qkv_proj`` / ``out_proj`` 1×1 convolutions), so their
+checkpoints load unchanged; only the computation between the two projections is fused.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import separable_attention
+from .reference import separable_attention_reference
+
+__all__ = ["SeparableAttention"]
+
+# Dropout on the softmax weights is not in the kernels (DESIGN §1); the fallback says so once
+# per process, not once per layer, so a 9-layer model does not print nine warnings.
+_warned_dropout_fallback = False
+
+
+class SeparableAttention(nn.Module):
+    """MobileViTv2 separable self-attention over unfolded patches.
+
+    ``out_proj(relu(v) * Σ_n softmax_N(q)[n] · k[:, n])`` with ``q, k, v`` the ``1 + C + C``
+    channels of ``qkv_proj(x)``.
+
+    Args:
+        embed_dim: channels ``C`` of the input ``x: Tensor[B, C, P, N]``.
+        attn_dropout: dropout on the softmax weights (where ml-cvnets, transformers and timm apply
+            it). With ``p > 0`` in training mode the module runs the reference, warning once.
+        proj_dropout: dropout after ``out_proj`` (timm's ``proj_drop``; 0 in every release).
+        bias: whether both projections have a bias.
+        fused: ``False`` runs :func:`~mvit2_kernels.reference.separable_attention_reference`.
+        backend: passed to :func:`mvit2_kernels.separable_attention` (``"auto"``, ``"cpu"``, ...).
+
+    Shape:
+        ``x: Tensor[B, C, P, N]`` (P pixels per patch, N patches) -> ``Tensor[B, C, P, N]``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        *,
+        attn_dropout: float = 0.0,
+        proj_dropout: float = 0.0,
+        bias: bool = True,
+        fused: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
+        if not 0.0 <= attn_dropout < 1.0:
+            raise ValueError(f"attn_dropout must be in [0, 1), got {attn_dropout}")
+        self.embed_dim = embed_dim
+        # Registration order (qkv_proj, out_proj) is the forward order, as in the public code.
+        self.qkv_proj = nn.Conv2d(embed_dim, 1 + 2 * embed_dim, kernel_size=1, bias=bias)
+        self.out_proj = nn.Conv2d(embed_dim, embed_dim, kernel_size=1, bias=bias)
+        self.proj_drop = nn.Dropout(proj_dropout) if proj_dropout > 0 else nn.Identity()
+        self.attn_dropout = float(attn_dropout)
+        self.fused = fused
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: Tensor[B, C, P, N]`` -> ``Tensor[B, C, P, N]``."""
+        qkv = self.qkv_proj(x)
+        # Views into qkv, no copies: the kernels read strided q/k/v in place (DESIGN §3).
+        q, k, v = qkv.split([1, self.embed_dim, self.embed_dim], dim=1)
+        if self.training and self.attn_dropout > 0:
+            y = self._attend_with_dropout(q, k, v)
+        elif self.fused:
+            y = separable_attention(q, k, v, backend=self.backend)
+        else:
+            y = separable_attention_reference(q, k, v)
+        return self.proj_drop(self.out_proj(y))
+
+    def _attend_with_dropout(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        global _warned_dropout_fallback
+        if self.fused and not _warned_dropout_fallback:
+            _warned_dropout_fallback = True
+            warnings.warn(
+                f"SeparableAttention: attn_dropout={self.attn_dropout} in training mode is not "
+                "fused; running the PyTorch reference with dropout on the softmax weights",
+                stacklevel=3,
+            )
+        s = F.dropout(torch.softmax(q, dim=-1), p=self.attn_dropout, training=True)
+        ctx = (k * s).sum(dim=-1, keepdim=True)
+        return torch.relu(v) * ctx
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, attn_dropout={self.attn_dropout}, "
+                f"fused={self.fused}, backend={self.backend!r}")
