@@ -38,7 +38,7 @@ def test_model(benchmark, device, case, impl):
     if impl not in builders:
         pytest.skip(f"{impl} {case.name} is not available (mvit2_kernels.models lacks it)")
     torch.manual_seed(0)
-    model = builders[impl](impl != "unfused", "auto").to(device)
+    model = builders[impl]("auto").to(device)
     model.train(case.mode == "training")
     x = torch.randn(case.batch, 3, case.resolution, case.resolution, device=device)
     labels = torch.randint(0, 1000, (case.batch,), device=device)

@@ -97,44 +97,46 @@ def our_factory(name: str) -> Callable[..., nn.Module] | None:
         factory = None
     if ours is not None and factory is None:
         print(
-            f"mvit2-bench model: mvit2_kernels.models has no {name}() (yet); its fused and "
-            "unfused rows are left out",
+            f"mvit2-bench model: mvit2_kernels.models has no {name}() (yet); the rows that "
+            "need it are left out",
             file=sys.stderr,
         )
     return factory
 
 
-def model_builders(family: str, variant: str) -> dict[str, Callable[[bool, str], nn.Module]]:
+def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Module]]:
     """For ``family`` in ``mobilevitv2`` (variant: the width) or ``swiftformer`` (``xs``, ``s``,
-    ``l1``, ``l3``): ``impl -> build(fused, backend)`` for every implementation present here."""
+    ``l1``, ``l3``): ``impl -> build(backend)`` for every implementation present here."""
     import transformers
 
     import mvit2_kernels
 
-    builders: dict[str, Callable[[bool, str], nn.Module]] = {}
+    builders: dict[str, Callable[[str], nn.Module]] = {}
     if family == "mobilevitv2":
         width = float(variant)
         config = transformers.MobileViTV2Config(width_multiplier=width, num_labels=1000)
         hf_class = transformers.MobileViTV2ForImageClassification
         factory = our_factory("mobilevitv2")
         if factory is not None:
-            builders["fused"] = lambda _, backend: factory(width=width, fused=True, backend=backend)
-            builders["unfused"] = lambda *_: factory(width=width, fused=False)
+            builders["fused"] = lambda backend: factory(width=width, fused=True, backend=backend)
+            builders["unfused"] = lambda _: factory(width=width, fused=False)
     else:
         depths, dims = SWIFTFORMER[variant]
         config = transformers.SwiftFormerConfig(depths=depths, embed_dims=dims, num_labels=1000)
         hf_class = transformers.SwiftFormerForImageClassification
         factory = our_factory(f"swiftformer_{variant}")
         if factory is not None:
-            builders["fused"] = lambda _, backend: factory(fused=True, backend=backend)
-            builders["unfused"] = lambda *_: factory(fused=False)
-    builders["transformers"] = lambda *_: _Logits(hf_class(config))
-    fuse = getattr(mvit2_kernels, "fuse_", None)
+            builders["fused"] = lambda backend: factory(fused=True, backend=backend)
+            builders["unfused"] = lambda _: factory(fused=False)
+    builders["transformers"] = lambda _: _Logits(hf_class(config))
+    # fuse_ swaps a transformers model's attention for ours in place (top-level or in models).
+    fuse = getattr(mvit2_kernels, "fuse_", None) or our_factory("fuse_")
     if fuse is not None:
 
-        def fused_hf(_, backend: str) -> nn.Module:
+        def fused_hf(backend: str) -> nn.Module:
             model = _Logits(hf_class(config))
-            fuse(model.hf)
+            if fuse(model.hf, backend=backend) == 0:
+                raise RuntimeError(f"fuse_ swapped no attention module of {hf_class.__name__}")
             return model
 
         builders["transformers+fuse_"] = fused_hf
@@ -236,7 +238,7 @@ class ModelCase:
 
 
 def time_model(
-    build: Callable[[bool, str], nn.Module],
+    build: Callable[[str], nn.Module],
     impl: str,
     case: ModelCase,
     dtype: str,
@@ -246,7 +248,7 @@ def time_model(
 ) -> ModelRow:
     """Throughput of one implementation on one case, and its attention modules' share."""
     torch.manual_seed(0)
-    model = build(impl != "unfused", backend).to(device=device, dtype=DTYPES[dtype])
+    model = build(backend).to(device=device, dtype=DTYPES[dtype])
     model.train(case.mode == "training")
     shape = (case.batch, 3, case.resolution, case.resolution)
     image_bytes = case.batch * 3 * case.resolution**2 * model_itemsize(model)

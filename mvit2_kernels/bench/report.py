@@ -64,7 +64,10 @@ def markdown(docs: list[dict], relative_to: str | os.PathLike = ".") -> str:
     """Markdown sections for result documents: a heading naming the machine, then the tables;
     plots saved beside a JSON file (same name, ``.png``) are linked relative to ``relative_to``."""
     parts = []
-    for doc in sorted(docs, key=lambda d: (d["kind"], d["environment"]["device"], d["created"])):
+    order = {kind: i for i, kind in enumerate(KINDS)}  # kernels first, then models
+    for doc in sorted(
+        docs, key=lambda d: (order[d["kind"]], d["environment"]["device"], d["created"])
+    ):
         parts.append(_heading(doc))
         png = Path(doc["_path"]).with_suffix(".png")
         if png.exists():
@@ -154,9 +157,10 @@ def _model_table(doc: dict) -> str:
     header = [
         "model",
         "mode",
-        "B",
         "dtype",
         "impl",
+        "res",
+        "B",
         "ms",
         "images/s",
         "attention ms",
@@ -166,9 +170,10 @@ def _model_table(doc: dict) -> str:
         [
             r["model"],
             r["mode"],
-            str(r["batch"]),
             r["dtype"],
             r["impl"],
+            str(r["resolution"]),
+            str(r["batch"]),
             fmt(r["median_ms"]),
             fmt(r["images_per_s"], 3),
             fmt(r["attention_ms"]),
@@ -176,4 +181,4 @@ def _model_table(doc: dict) -> str:
         ]
         for r in doc["rows"]
     ]
-    return _md_table(header, lines, text_columns=5)
+    return _md_table(header, lines, text_columns=4)
