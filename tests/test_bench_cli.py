@@ -195,3 +195,16 @@ def test_python_dash_m_runs_the_cli():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     assert "--quick" in done.stdout and "model" in done.stdout and "report" in done.stdout
+
+
+def test_plain_progress_prints_rows_to_stdout_and_no_bar_when_disabled(capsys):
+    from mvit2_kernels.bench.progress import PlainProgress
+
+    bar = PlainProgress(2, enabled=False)
+    bar.write("row 1")
+    bar.update()
+    bar.write("row 2")
+    bar.update()
+    bar.close()
+    out = capsys.readouterr()
+    assert out.out == "row 1\nrow 2\n" and out.err == ""

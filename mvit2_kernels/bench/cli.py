@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from . import cases, environment, report, runner, shapes
+from .progress import progress_bar
 from .table import op_table, op_values
 from .timing import Budget, timer_name
 
@@ -93,21 +94,12 @@ def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:  # say so before the run rather than after it
+            parser.error("--plot needs matplotlib: pip install matplotlib")
     return device
-
-
-def progress_bar(total: int, disable: bool):
-    """A tqdm bar on stderr (so stdout keeps only the table); off when stderr is no terminal."""
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        file=sys.stderr,
-        disable=True if disable else None,
-        unit="timing",
-        dynamic_ncols=True,
-        leave=False,
-    )
 
 
 def write_outputs(doc: dict, args: argparse.Namespace, echo) -> None:

@@ -14,6 +14,7 @@ import torch
 from . import environment, report
 from .cases import DEVICE_DTYPES
 from .models import IMPLS, MODES, SWIFTFORMER, ModelCase, model_builders, our_factory, time_model
+from .progress import progress_bar
 from .table import model_table, model_values
 from .timing import Budget, timer_name
 
@@ -107,7 +108,7 @@ def _cases(parser, args, device: str) -> list[ModelCase]:
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     """Time every case × implementation, printing rows as they arrive; ``--json``/``--plot``."""
-    from .cli import listed, progress_bar, resolve_device, write_outputs
+    from .cli import listed, resolve_device, write_outputs
 
     device = resolve_device(parser, args)
     _choose(parser, "--dtype", [args.dtype], DEVICE_DTYPES[device])
