@@ -15,7 +15,6 @@ from mvit2_kernels.reference import (
     additive_attention_reference,
 )
 
-BACKENDS = [b for b in BACKENDS if b != "triton"]  # TEMPORARY: the Triton kernels come next
 VARIANTS = ["normalize", "softmax"]
 # (B, N, D): odd sizes, N = 1, D = 1, N in the thousands, and SwiftFormer-XS's last stage.
 SHAPES = [(2, 37, 24), (1, 1, 1), (1, 1, 16), (3, 130, 7), (1, 3000, 20), (2, 49, 220)]
@@ -104,8 +103,8 @@ def test_softmax_variant_weights_every_token_by_one():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["views", "separate", "transposed"])
 def test_forward_and_backward_match_reference(backend, variant, dtype, shape, layout):
-    if backend in INTERPRETED and (layout != "views" or dtype == torch.float16 or shape[1] > 200):
-        pytest.skip("interpreter: kept to the views layout and small N for time")
+    if backend in INTERPRETED and (layout != "views" or dtype == torch.float16 or max(shape) > 200):
+        pytest.skip("interpreter: kept to the views layout and small N, D for time")
     device = device_of(backend)
     grads = grads_for(shape, dtype, device)
     outs, dl = run(*make_qkw(shape, dtype, device, layout, True), backend, variant, grads)
@@ -145,9 +144,13 @@ def test_ops_match_the_op_contract(backend, variant, dtype):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", [(2, 5, 3), (1, 1, 1), (1, 40, 4)])
 def test_gradcheck_float64(backend, variant, shape):
+    if backend in INTERPRETED and shape[1] > 5:
+        pytest.skip("interpreter: numerical gradients of N = 40 take minutes")
     q, k, w, _ = make_qkw(shape, torch.float64, device_of(backend), "separate", True)
     assert torch.autograd.gradcheck(
-        lambda q, k, w: additive_attention(q, k, w, variant=variant, backend=backend), (q, k, w)
+        lambda q, k, w: additive_attention(q, k, w, variant=variant, backend=backend),
+        (q, k, w),
+        fast_mode=backend in INTERPRETED,  # one random projection instead of every input
     )
 
 
@@ -201,7 +204,8 @@ def test_non_finite_values_propagate_like_the_reference(backend, variant):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_is_deterministic(backend):
-    q, k, w, leaves = make_qkw((1, 700, 16), torch.float32, device_of(backend), "views", True)
+    N = 100 if backend in INTERPRETED else 700  # several chunks either way
+    q, k, w, leaves = make_qkw((1, N, 16), torch.float32, device_of(backend), "views", True)
     grads = grads_for(q.shape, torch.float32, q.device)
     first, second = (run(q, k, w, leaves, backend, "normalize", grads)[1] for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
