@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Compiles every csrc/cuda/*.cu to object files for sm_80 and sm_90 with nvcc, against the
-# installed torch's headers, so that a CUDA compile error fails CI on machines without a GPU (and
-# without a CUDA build of torch: nothing is linked). Usage: bash scripts/compile_cuda.sh
-# Environment: NVCC (default: nvcc on PATH), PYTHON (default: python3), EXTRA_NVCC_FLAGS.
+# Compiles every csrc/cuda/*.cu to an object file for sm_80 and sm_90 with nvcc, against the
+# installed torch's headers: a CUDA compile error (or a warning in our code) fails CI on machines
+# with no GPU and a CPU build of torch, since nothing is linked.
+#   bash scripts/compile_cuda.sh   # VERBOSE=1 prints registers, spills and shared memory per kernel
+# Environment: NVCC (default nvcc), PYTHON (default python3), EXTRA_NVCC_FLAGS.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,29 +11,34 @@ nvcc="${NVCC:-nvcc}"
 python="${PYTHON:-python3}"
 command -v "$nvcc" >/dev/null || { echo "compile_cuda.sh: $nvcc not found (set NVCC)" >&2; exit 2; }
 
-# torch's include dirs and the flags its CUDAExtension passes nvcc (-D__CUDA_NO_HALF_OPERATORS__
-# and friends, --expt-relaxed-constexpr); one per line.
+# torch's include dirs (as system headers, so their warnings stay theirs) and the flags its
+# CUDAExtension gives nvcc (-D__CUDA_NO_HALF_OPERATORS__ and friends, --expt-relaxed-constexpr).
 mapfile -t torch_flags < <("$python" -c '
 from torch.utils import cpp_extension as c
-for d in c.include_paths(): print("-I" + d)
-for f in c.COMMON_NVCC_FLAGS: print(f)
+for d in c.include_paths(): print(f"-isystem={d}")
+print(*c.COMMON_NVCC_FLAGS, sep="\n")
 ')
+((${#torch_flags[@]})) || { echo "compile_cuda.sh: cannot import torch with $python" >&2; exit 2; }
 
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 # The CPU wheel lacks c10/cuda/impl/cuda_cmake_macros.h: C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it.
 flags=(-std=c++20 -O3 -DMVIT2_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
-       -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
-       -Xcompiler=-Wall,-Wextra -Werror=all-warnings --resource-usage
-       "${torch_flags[@]}" ${EXTRA_NVCC_FLAGS:-})
+  -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
+  -Xcompiler=-Wall,-Wextra,-Werror -Werror=all-warnings
+  "${torch_flags[@]}")
+[[ "${VERBOSE:-0}" == 1 ]] && flags+=(--resource-usage)
+# shellcheck disable=SC2206  # EXTRA_NVCC_FLAGS is a space-separated list on purpose
+flags+=(${EXTRA_NVCC_FLAGS:-})
 
 shopt -s nullglob
 sources=("$root"/csrc/cuda/*.cu)
-(( ${#sources[@]} )) || { echo "compile_cuda.sh: no csrc/cuda/*.cu" >&2; exit 1; }
+((${#sources[@]})) || { echo "compile_cuda.sh: no csrc/cuda/*.cu found" >&2; exit 1; }
 start=$SECONDS
 for src in "${sources[@]}"; do
   t0=$SECONDS
   "$nvcc" "${flags[@]}" -c "$src" -o "$out/$(basename "${src%.cu}").o"
-  echo "compiled ${src#"$root"/} for sm_80, sm_90 in $((SECONDS - t0)) s"
+  echo "compiled ${src#"$root"/} for sm_80 and sm_90 in $((SECONDS - t0)) s"
 done
-echo "compile_cuda.sh: ${#sources[@]} file(s) OK in $((SECONDS - start)) s ($("$nvcc" --version | tail -1))"
+echo "compile_cuda.sh: ${#sources[@]} file(s) OK in $((SECONDS - start)) s" \
+  "($("$nvcc" --version | tail -1))"

@@ -1,7 +1,7 @@
 // Separable self-attention (MobileViTv2), CUDA: one block per (row b·P+p, channel tile) streams
-// the tile's k and v rows (forward) or grad_y, v and k rows (backward) once, with 16-byte loads
-// where alignment allows, accumulating fp16/bf16 in float32. Mirrors csrc/cpu/
-// separable_attention.cpp; the maths is DESIGN.md §1; mvit2_kernels/reference.py is the oracle.
+// the tile's k and v rows (forward) or grad_y, v and k rows (backward) once, with vector loads of
+// up to 16 bytes where alignment allows, accumulating fp16/bf16 in float32. Mirrors
+// csrc/cpu/separable_attention.cpp; the maths is DESIGN.md §1; reference.py is the oracle.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -26,27 +26,40 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// ≤ 80 registers, so that 3 blocks (768 threads) share an SM and keep ~48 KiB of loads in flight;
+// float64 (gradcheck, not speed) gets 128 rather than spill.
+template <typename scalar_t>
+constexpr int kBlocksPerSm = sizeof(scalar_t) == 8 ? 2 : 3;
 // Channels whose loads a lane issues before it uses any of them (memory-level parallelism).
 constexpr int kBatch = 4;
-// Bounds the per-block shared ctx/dctx arrays (4 KiB each in float32).
+// Bounds the shared ctx/dctx arrays of a block (4 KiB each in float32).
 constexpr int64_t kMaxChannelTile = 1024;
-// Blocks wanted per launch when B·P is small: ≥ 2 waves of 2 blocks on a 132-SM H100.
+// Blocks wanted when B·P is small: ~4 per SM of a 132-SM H100, so B=1 still fills it.
 constexpr int64_t kMinBlocks = 512;
-// Bytes of each streamed tensor per block (the tile is ~16 KiB of k, of v, ...): with B=256 the
-// grid then has several waves, so the tail wave costs little.
+// Bytes of each streamed tensor per block: at B=256 the grid then has several waves.
 constexpr int64_t kTileBytes = 16 * 1024;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-struct RowStrides {  // element strides of dims 0..2; dim 3 (N) has unit stride
-  int64_t b, c, p;
+// One tensor indexed [b, c, p, n]: data and the element strides of dims 0..2; n has unit stride.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t sb, sc, sp;
 };
 
-RowStrides row_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  if constexpr (std::is_const_v<T>) {
+    return {t.const_data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2)};
+  } else {
+    return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+  }
+}
 
 // How a launch splits the channels, and how a block's threads split a channel row: `group`
-// lanes (a power of two ≤ 32, so shuffles stay inside a warp) read W-element vectors of one
-// row, and the block's kThreads / group groups take the tile's channels in turn. A function of
-// the shape alone, so the backward's cross-tile ds sum has one fixed order on every device.
+// lanes (a power of two ≤ 32, so shuffles stay inside a warp) read W-element vectors of one row,
+// and the block's kThreads / group lane groups take the tile's channels in turn. A function of the
+// shape and W alone, not of the device, so the backward's ds sum has one order everywhere.
 struct Tiling {
   int64_t tiles;     // channel tiles per row
   int64_t channels;  // channels per tile (the last tile may hold fewer)
@@ -54,14 +67,13 @@ struct Tiling {
 };
 
 Tiling tiling(int64_t rows, int64_t C, int64_t N, int W, int64_t elem_size) {
-  const int64_t vecs = N / W;
   int group = 1;
-  while (group < 32 && group < vecs) group *= 2;
+  while (group < 32 && group < N / W) group *= 2;
   const int64_t groups = kThreads / group;
-  if (C == 0) return {1, 1, group};  // one (empty) tile per row still writes dq = s * 0
+  if (C == 0) return {1, 1, group};  // one empty tile per row still writes dq = s * 0
   const int64_t want_tiles = (kMinBlocks + rows - 1) / rows;
   const int64_t fill = (C + want_tiles - 1) / want_tiles;
-  // At least one channel per group, or some warps would idle.
+  // At least one channel per lane group where B·P allows, or warps would idle.
   const int64_t budget = std::max(kTileBytes / elem_size / std::max<int64_t>(N, 1), groups);
   const int64_t per = std::max<int64_t>(1, std::min({fill, budget, C, kMaxChannelTile}));
   const int64_t tiles = (C + per - 1) / per;
@@ -73,29 +85,35 @@ struct alignas(sizeof(scalar_t) * W) Pack {
   scalar_t v[W];
 };
 
-// Inputs are read-only for the kernel's life: load through the non-coherent path (ld.global.nc).
+// A Pack moves as one unsigned integer (vector) of its size, through the __ldg/__stwb intrinsics:
+// plain copies of c10::Half/BFloat16 members get split into 2-byte accesses. The inputs are
+// read-only for the kernel's life, so loads take the non-coherent path (ld.global.nc).
+template <int Bytes>
+struct RawOf;
+template <>
+struct RawOf<2> { using type = unsigned short; };
+template <>
+struct RawOf<4> { using type = unsigned; };
+template <>
+struct RawOf<8> { using type = uint2; };
+template <>
+struct RawOf<16> { using type = uint4; };
+
 template <typename scalar_t, int W>
 __device__ __forceinline__ Pack<scalar_t, W> load_pack(const scalar_t* p) {
-  using PackT = Pack<scalar_t, W>;
-  PackT out;
-  if constexpr (sizeof(PackT) == 16) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    memcpy(&out, &raw, sizeof(out));
-  } else if constexpr (sizeof(PackT) == 8) {
-    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
-    memcpy(&out, &raw, sizeof(out));
-  } else if constexpr (sizeof(PackT) == 4) {
-    const unsigned raw = __ldg(reinterpret_cast<const unsigned*>(p));
-    memcpy(&out, &raw, sizeof(out));
-  } else {
-    out = *reinterpret_cast<const PackT*>(p);
-  }
+  using Raw = typename RawOf<sizeof(Pack<scalar_t, W>)>::type;
+  const Raw raw = __ldg(reinterpret_cast<const Raw*>(p));
+  Pack<scalar_t, W> out;
+  memcpy(&out, &raw, sizeof(out));
   return out;
 }
 
 template <typename scalar_t, int W>
 __device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t, W>& x) {
-  *reinterpret_cast<Pack<scalar_t, W>*>(p) = x;
+  using Raw = typename RawOf<sizeof(Pack<scalar_t, W>)>::type;
+  Raw raw;
+  memcpy(&raw, &x, sizeof(raw));
+  __stwb(reinterpret_cast<Raw*>(p), raw);  // a plain store of raw may still be split
 }
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
@@ -112,15 +130,15 @@ __device__ __forceinline__ acc_t max_nan(acc_t a, acc_t b) {
   return (a > b || a != a) ? a : b;
 }
 
-// Sum over the `group` lanes of an aligned lane group; every lane gets the same bits (a + b is
-// commutative). All 32 lanes of the warp must call it.
+// Sum over an aligned group of `group` lanes; every lane gets the same bits (+ commutes). All
+// 32 lanes of the warp must call it.
 template <typename acc_t>
 __device__ __forceinline__ acc_t group_sum(acc_t x, int group) {
   for (int off = group >> 1; off > 0; off >>= 1) x += __shfl_xor_sync(kFullMask, x, off);
   return x;
 }
 
-// Block-wide reduction in a fixed order; every thread gets the result. `red`: kWarps values.
+// Block-wide reduction in a fixed order; every thread gets the result. red: kWarps values.
 template <typename acc_t, typename Op>
 __device__ acc_t block_reduce(acc_t x, Op op, acc_t* red) {
   for (int off = 16; off > 0; off >>= 1) x = op(x, __shfl_xor_sync(kFullMask, x, off));
@@ -132,7 +150,7 @@ __device__ acc_t block_reduce(acc_t x, Op op, acc_t* red) {
   return x;
 }
 
-// Max and 1 / Σ exp(q - max) of one q row, as the CPU's softmax_row: s[n] = exp(q[n]-mx) * inv.
+// Max and 1 / Σ exp(q - max) of a q row, as the CPU's softmax_row: s[n] = exp(q[n] - mx) * inv.
 template <typename scalar_t, typename acc_t>
 __device__ void softmax_stats(const scalar_t* q, int64_t N, acc_t* red, acc_t& mx, acc_t& inv) {
   acc_t m = -INFINITY;
@@ -145,116 +163,117 @@ __device__ void softmax_stats(const scalar_t* q, int64_t N, acc_t* red, acc_t& m
   inv = acc_t(1) / sum;
 }
 
-// s for the W columns of vector j of the row, zero past the row's end.
-template <typename scalar_t, int W, typename acc_t>
-__device__ __forceinline__ void softmax_pack(const scalar_t* q, int64_t j, bool in_row, acc_t mx,
-                                             acc_t inv, acc_t (&s)[W]) {
-  const Pack<scalar_t, W> qv = in_row ? load_pack<scalar_t, W>(q + j * W) : Pack<scalar_t, W>{};
-#pragma unroll
-  for (int e = 0; e < W; ++e) s[e] = in_row ? exp_acc(static_cast<acc_t>(qv.v[e]) - mx) * inv : 0;
-}
-
-// Where a block works: row (b, p) and channels [c0, c0 + cn). Its lane group `grp` owns the
-// channels grp, grp + groups, ...; its lane reads vectors lane, lane + group, ... of each row.
+// Where a block works: row (b, p), channels [c0, c0 + cn). Lane group `grp` owns the tile's
+// channels grp + slot·groups (slot = 0 .. slots-1); its `lane` reads the row's W-vectors
+// j = pan·group + lane (pan = 0 .. panels-1). slots and panels are block-uniform, so every lane
+// runs every shuffle and barrier.
 struct BlockTile {
-  int64_t row, tile, b, p, c0;
-  int cn, group, lane, grp, groups, iters;  // iters: channel slots per group (block-uniform)
-  int64_t vecs, panels;                     // W-vectors per row; group-wide column panels
+  int64_t row, tile, b, p, c0, vecs, panels;
+  int cn, group, lane, grp, groups, slots;
 
   __device__ BlockTile(const Tiling& t, int64_t C, int64_t P, int64_t N, int W)
       : row(blockIdx.x / t.tiles), tile(blockIdx.x % t.tiles), b(row / P), p(row % P),
-        c0(tile * t.channels), cn(static_cast<int>(C - c0 < t.channels ? C - c0 : t.channels)),
-        group(t.group), lane(threadIdx.x & (t.group - 1)), grp(threadIdx.x / t.group),
-        groups(kThreads / t.group), iters((cn + groups - 1) / groups), vecs(N / W),
-        panels((vecs + group - 1) / group) {}
+        c0(tile * t.channels), vecs(N / W), panels((vecs + t.group - 1) / t.group),
+        cn(static_cast<int>(C - c0 < t.channels ? C - c0 : t.channels)), group(t.group),
+        lane(threadIdx.x & (t.group - 1)), grp(threadIdx.x / t.group),
+        groups(kThreads / t.group), slots((cn + groups - 1) / groups) {}
 
-  __device__ int channel(int slot) const { return grp + slot * groups; }  // local, may be ≥ cn
+  __device__ int channel(int slot) const { return grp + slot * groups; }  // may be ≥ cn
+  __device__ bool active(int slot, int64_t pan) const {
+    return channel(slot) < cn && pan * group + lane < vecs;
+  }
+  template <typename T>
+  __device__ T* row_start(const Rows<T>& r, int c) const {  // element (b, c0 + c, p, 0)
+    return r.data + b * r.sb + (c0 + c) * r.sc + p * r.sp;
+  }
+  // The lane's W-vector of channel slot `slot`, panel `pan`.
+  template <int W, typename T>
+  __device__ T* at(const Rows<T>& r, int slot, int64_t pan) const {
+    return row_start(r, channel(slot)) + (pan * group + lane) * W;
+  }
 };
+
+// s for the lane's W columns of panel pan, zero past the row's end.
+template <int W, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void softmax_pack(const BlockTile& bt, const scalar_t* q, int64_t pan,
+                                             acc_t mx, acc_t inv, acc_t (&s)[W]) {
+  const int64_t j = pan * bt.group + bt.lane;
+  const Pack<scalar_t, W> qv = j < bt.vecs ? load_pack<scalar_t, W>(q + j * W) : Pack<scalar_t, W>{};
+#pragma unroll
+  for (int e = 0; e < W; ++e)
+    s[e] = j < bt.vecs ? exp_acc(static_cast<acc_t>(qv.v[e]) - mx) * inv : acc_t(0);
+}
 
 template <typename scalar_t>
 struct ForwardArgs {
-  const scalar_t *q, *k, *v;
-  RowStrides qs, ks, vs;
-  scalar_t* y;                          // contiguous [B, C, P, N]
-  at::opmath_type<scalar_t>* ctx;       // contiguous [B, C, P, 1]
+  Rows<const scalar_t> q, k, v;
+  Rows<scalar_t> y;
+  Rows<at::opmath_type<scalar_t>> ctx;  // [B, C, P, 1]
   int64_t C, P, N;
   Tiling t;
 };
 
 template <typename scalar_t, int W>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     separable_attention_forward_kernel(const ForwardArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   using PackT = Pack<scalar_t, W>;
   __shared__ acc_t red[kWarps];
   __shared__ acc_t ctx_s[kMaxChannelTile];
   const BlockTile bt(a.t, a.C, a.P, a.N, W);
-  const scalar_t* q = a.q + bt.b * a.qs.b + bt.p * a.qs.p;
-  const auto k_row = [&](int c) { return a.k + bt.b * a.ks.b + (bt.c0 + c) * a.ks.c + bt.p * a.ks.p; };
-  const auto v_row = [&](int c) { return a.v + bt.b * a.vs.b + (bt.c0 + c) * a.vs.c + bt.p * a.vs.p; };
+  const scalar_t* q = a.q.data + bt.b * a.q.sb + bt.p * a.q.sp;
 
-  // Each ctx_s[c] is written only by lane 0 of the group owning c, so no barrier is needed here.
+  // ctx_s[c] is only ever touched by lane 0 of the group owning c: no barrier needed.
   if (bt.lane == 0)
     for (int c = bt.grp; c < bt.cn; c += bt.groups) ctx_s[c] = 0;
 
-  // ctx[c] = Σ_n s[n] k[c, n]: panel by panel, s in registers, kBatch channels' loads in flight.
-  // The first batch is loaded before the softmax statistics so that its latency overlaps their
-  // block reductions.
+  // ctx[c] = Σ_n s[n] k[c, n], panel by panel with s in registers and kBatch channels' loads in
+  // flight. The first batch is loaded before the softmax statistics, to overlap their latency.
   PackT kv[kBatch];
-  const auto load_k = [&](int64_t pan, int slot0) {
-    const int64_t j = pan * bt.group + bt.lane;
+  const auto load_k = [&](int slot0, int64_t pan) {
 #pragma unroll
     for (int u = 0; u < kBatch; ++u)
-      if (j < bt.vecs && bt.channel(slot0 + u) < bt.cn)
-        kv[u] = load_pack<scalar_t, W>(k_row(bt.channel(slot0 + u)) + j * W);
+      if (bt.active(slot0 + u, pan)) kv[u] = load_pack<scalar_t, W>(bt.at<W>(a.k, slot0 + u, pan));
   };
-  if (bt.panels > 0 && bt.iters > 0) load_k(0, 0);
+  load_k(0, 0);
   acc_t mx, inv;
   softmax_stats(q, a.N, red, mx, inv);
   for (int64_t pan = 0; pan < bt.panels; ++pan) {
-    const int64_t j = pan * bt.group + bt.lane;
-    const bool in_row = j < bt.vecs;
     acc_t s[W];
-    softmax_pack<scalar_t, W>(q, j, in_row, mx, inv, s);
-    for (int slot0 = 0; slot0 < bt.iters; slot0 += kBatch) {
-      if (pan > 0 || slot0 > 0) load_k(pan, slot0);
+    softmax_pack<W>(bt, q, pan, mx, inv, s);
+    for (int slot0 = 0; slot0 < bt.slots; slot0 += kBatch) {
+      if (pan > 0 || slot0 > 0) load_k(slot0, pan);
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const int c = bt.channel(slot0 + u);
         acc_t d = 0;
-        if (in_row && c < bt.cn) {
+        if (bt.active(slot0 + u, pan)) {
 #pragma unroll
           for (int e = 0; e < W; ++e) d += s[e] * static_cast<acc_t>(kv[u].v[e]);
         }
         d = group_sum(d, bt.group);
-        if (bt.lane == 0 && c < bt.cn) ctx_s[c] += d;
+        if (bt.lane == 0 && bt.channel(slot0 + u) < bt.cn) ctx_s[bt.channel(slot0 + u)] += d;
       }
     }
   }
   __syncthreads();  // ctx_s complete
 
-  for (int c = threadIdx.x; c < bt.cn; c += kThreads)
-    a.ctx[((bt.b * a.C + bt.c0 + c) * a.P + bt.p)] = ctx_s[c];
+  for (int c = threadIdx.x; c < bt.cn; c += kThreads) *bt.row_start(a.ctx, c) = ctx_s[c];
   // y[c, n] = relu(v[c, n]) * ctx[c].
-  for (int slot0 = 0; slot0 < bt.iters; slot0 += kBatch) {
+  for (int slot0 = 0; slot0 < bt.slots; slot0 += kBatch) {
     for (int64_t pan = 0; pan < bt.panels; ++pan) {
-      const int64_t j = pan * bt.group + bt.lane;
-      if (j >= bt.vecs) continue;  // no shuffles below: lanes may leave
       PackT vv[kBatch];
 #pragma unroll
       for (int u = 0; u < kBatch; ++u)
-        if (bt.channel(slot0 + u) < bt.cn)
-          vv[u] = load_pack<scalar_t, W>(v_row(bt.channel(slot0 + u)) + j * W);
+        if (bt.active(slot0 + u, pan)) vv[u] = load_pack<scalar_t, W>(bt.at<W>(a.v, slot0 + u, pan));
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const int c = bt.channel(slot0 + u);
-        if (c >= bt.cn) continue;
-        const acc_t cx = ctx_s[c];
+        if (!bt.active(slot0 + u, pan)) continue;
+        const acc_t cx = ctx_s[bt.channel(slot0 + u)];
         PackT out;
 #pragma unroll
         for (int e = 0; e < W; ++e)
           out.v[e] = static_cast<scalar_t>(relu(static_cast<acc_t>(vv[u].v[e])) * cx);
-        store_pack(a.y + ((bt.b * a.C + bt.c0 + c) * a.P + bt.p) * a.N + j * W, out);
+        store_pack(bt.at<W>(a.y, slot0 + u, pan), out);
       }
     }
   }
@@ -262,11 +281,10 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t>
 struct BackwardArgs {
-  const scalar_t *g, *q, *k, *v;
-  const at::opmath_type<scalar_t>* ctx;
-  RowStrides gs, qs, ks, vs, cs;
-  scalar_t *dk, *dv;  // contiguous [B, C, P, N]
-  // Workspace for the dq pass: per (row, tile) the partial ds[N] and Σ_c dctx·ctx; per row the
+  Rows<const scalar_t> g, q, k, v;
+  Rows<const at::opmath_type<scalar_t>> ctx;
+  Rows<scalar_t> dk, dv;
+  // Workspace for the dq kernel: per (row, tile) the partial ds[N] and Σ_c dctx·ctx; per row the
   // softmax max and 1/sum (every tile computes the same bits; tile 0 writes them).
   at::opmath_type<scalar_t> *ds_part, *dot_part, *stats;
   int64_t C, P, N;
@@ -274,50 +292,44 @@ struct BackwardArgs {
 };
 
 // Pass A per (row, channel tile): dv and dctx from (grad_y, v). Pass B: dk and the tile's
-// partial ds from k, summed across the block's lane groups in shared memory in a fixed order.
-// The dq kernel then sums the tiles, also in a fixed order: the backward is deterministic.
+// partial ds from k, summed over the block's lane groups in shared memory in a fixed order. The
+// dq kernel sums the tiles, also in a fixed order: the backward is deterministic.
 template <typename scalar_t, int W>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     separable_attention_backward_kernel(const BackwardArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   using PackT = Pack<scalar_t, W>;
-  // ds_s is [W][kThreads + 32/W]: lane groups write it column-wise conflict-free, and the pad
-  // spreads the reads of one warp (32/W lanes x W elements) over all 32 banks.
+  // ds_s is [W][kDsStride]: thread t writes column t (conflict-free), and the pad of 32/W spreads
+  // one warp's reads (32/W lanes x W elements) over the 32 banks.
   constexpr int kDsStride = kThreads + 32 / W;
   __shared__ acc_t red[kWarps];
   __shared__ acc_t ctx_s[kMaxChannelTile], dctx_s[kMaxChannelTile];
   __shared__ acc_t ds_s[W * kDsStride];
   const BlockTile bt(a.t, a.C, a.P, a.N, W);
-  const auto row_of = [&](const scalar_t* base, const RowStrides& st, int c) {
-    return base + bt.b * st.b + (bt.c0 + c) * st.c + bt.p * st.p;
-  };
-  const auto out_row = [&](int c) { return ((bt.b * a.C + bt.c0 + c) * a.P + bt.p) * a.N; };
 
   // Pass A: dv = g * ctx where v > 0 (a select, as autograd's relu backward: 0 * inf stays 0);
-  // dctx = Σ_n g * relu(v).
-  for (int slot0 = 0; slot0 < bt.iters; slot0 += kBatch) {
-    acc_t cx[kBatch], dc[kBatch];
+  // dctx = Σ_n g * relu(v). Two tensors are loaded here, so half the channels per batch keep the
+  // bytes in flight of the other passes (and the registers under the launch bound).
+  constexpr int kBatchA = kBatch / 2;
+  for (int slot0 = 0; slot0 < bt.slots; slot0 += kBatchA) {
+    acc_t cx[kBatchA], dc[kBatchA];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < kBatchA; ++u) {
       const int c = bt.channel(slot0 + u);
-      cx[u] = c < bt.cn ? a.ctx[bt.b * a.cs.b + (bt.c0 + c) * a.cs.c + bt.p * a.cs.p] : acc_t(0);
+      cx[u] = c < bt.cn ? *bt.row_start(a.ctx, c) : acc_t(0);
       dc[u] = 0;
     }
     for (int64_t pan = 0; pan < bt.panels; ++pan) {
-      const int64_t j = pan * bt.group + bt.lane;
-      PackT gv[kBatch], vv[kBatch];
+      PackT gv[kBatchA], vv[kBatchA];
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int c = bt.channel(slot0 + u);
-        if (j < bt.vecs && c < bt.cn) {
-          gv[u] = load_pack<scalar_t, W>(row_of(a.g, a.gs, c) + j * W);
-          vv[u] = load_pack<scalar_t, W>(row_of(a.v, a.vs, c) + j * W);
-        }
+      for (int u = 0; u < kBatchA; ++u) {
+        if (!bt.active(slot0 + u, pan)) continue;
+        gv[u] = load_pack<scalar_t, W>(bt.at<W>(a.g, slot0 + u, pan));
+        vv[u] = load_pack<scalar_t, W>(bt.at<W>(a.v, slot0 + u, pan));
       }
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int c = bt.channel(slot0 + u);
-        if (j >= bt.vecs || c >= bt.cn) continue;
+      for (int u = 0; u < kBatchA; ++u) {
+        if (!bt.active(slot0 + u, pan)) continue;
         PackT out;
 #pragma unroll
         for (int e = 0; e < W; ++e) {
@@ -325,11 +337,11 @@ __global__ void __launch_bounds__(kThreads)
           out.v[e] = static_cast<scalar_t>(vn > acc_t(0) ? gn * cx[u] : acc_t(0));
           dc[u] += gn * relu(vn);
         }
-        store_pack(a.dv + out_row(c) + j * W, out);
+        store_pack(bt.at<W>(a.dv, slot0 + u, pan), out);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < kBatchA; ++u) {
       const int c = bt.channel(slot0 + u);
       const acc_t d = group_sum(dc[u], bt.group);
       if (bt.lane == 0 && c < bt.cn) {
@@ -339,15 +351,15 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  const scalar_t* q = a.q.data + bt.b * a.q.sb + bt.p * a.q.sp;
   acc_t mx, inv;
-  softmax_stats(a.q + bt.b * a.qs.b + bt.p * a.qs.p, a.N, red, mx, inv);  // its barriers also
-                                                                          // publish dctx_s
+  softmax_stats(q, a.N, red, mx, inv);  // its barriers also publish dctx_s and ctx_s
   const int64_t part = bt.row * a.t.tiles + bt.tile;
   if (bt.tile == 0 && threadIdx.x == 0) {
     a.stats[2 * bt.row] = mx;
     a.stats[2 * bt.row + 1] = inv;
   }
-  if (threadIdx.x < 32) {  // Σ_c dctx·ctx over the tile, lane-strided then butterfly
+  if (threadIdx.x < 32) {  // Σ_c dctx·ctx over the tile: lane-strided, then a butterfly
     acc_t d = 0;
     for (int c = threadIdx.x; c < bt.cn; c += 32) d += dctx_s[c] * ctx_s[c];
     d = group_sum(d, 32);
@@ -355,43 +367,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // Pass B: dk = dctx * s; ds[n] = Σ_c dctx[c] k[c, n] over the tile.
-  const scalar_t* q = a.q + bt.b * a.qs.b + bt.p * a.qs.p;
   for (int64_t pan = 0; pan < bt.panels; ++pan) {
-    const int64_t j = pan * bt.group + bt.lane;
-    const bool in_row = j < bt.vecs;
     acc_t s[W], ds[W];
-    softmax_pack<scalar_t, W>(q, j, in_row, mx, inv, s);
+    softmax_pack<W>(bt, q, pan, mx, inv, s);
 #pragma unroll
     for (int e = 0; e < W; ++e) ds[e] = 0;
-    for (int slot0 = 0; slot0 < bt.iters; slot0 += kBatch) {
+    for (int slot0 = 0; slot0 < bt.slots; slot0 += kBatch) {
       PackT kv[kBatch];
 #pragma unroll
       for (int u = 0; u < kBatch; ++u)
-        if (in_row && bt.channel(slot0 + u) < bt.cn)
-          kv[u] = load_pack<scalar_t, W>(row_of(a.k, a.ks, bt.channel(slot0 + u)) + j * W);
+        if (bt.active(slot0 + u, pan)) kv[u] = load_pack<scalar_t, W>(bt.at<W>(a.k, slot0 + u, pan));
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const int c = bt.channel(slot0 + u);
-        if (!in_row || c >= bt.cn) continue;
-        const acc_t d = dctx_s[c];
+        if (!bt.active(slot0 + u, pan)) continue;
+        const acc_t d = dctx_s[bt.channel(slot0 + u)];
         PackT out;
 #pragma unroll
         for (int e = 0; e < W; ++e) {
           out.v[e] = static_cast<scalar_t>(d * s[e]);
           ds[e] += d * static_cast<acc_t>(kv[u].v[e]);
         }
-        store_pack(a.dk + out_row(c) + j * W, out);
+        store_pack(bt.at<W>(a.dk, slot0 + u, pan), out);
       }
     }
-    // Column t = lane * W + e of the panel: sum the groups' partials in group order.
+    // Column t = lane·W + e of the panel: the groups' partials summed in group order.
 #pragma unroll
     for (int e = 0; e < W; ++e) ds_s[e * kDsStride + threadIdx.x] = ds[e];
     __syncthreads();
-    const int cols = bt.group * W;
-    if (static_cast<int>(threadIdx.x) < cols) {
-      const int t = threadIdx.x, e = t % W, l = t / W;
+    const int cols = bt.group * W, t = threadIdx.x;
+    if (t < cols) {
       acc_t sum = 0;
-      for (int g = 0; g < bt.groups; ++g) sum += ds_s[e * kDsStride + g * bt.group + l];
+      for (int g = 0; g < bt.groups; ++g) sum += ds_s[(t % W) * kDsStride + g * bt.group + t / W];
       const int64_t n = pan * cols + t;
       if (n < a.N) a.ds_part[part * a.N + n] = sum;
     }
@@ -401,21 +407,19 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t>
 struct DqArgs {
-  const scalar_t* q;
-  RowStrides qs;
+  Rows<const scalar_t> q;
+  Rows<scalar_t> dq;
   const at::opmath_type<scalar_t> *ds_part, *dot_part, *stats;
-  scalar_t* dq;  // contiguous [B, 1, P, N]
   int64_t rows, P, N, tiles;
 };
 
-// dq = s * (ds - Σ_c dctx·ctx), the tiles' partials summed in tile order; s recomputed from q
-// with the statistics the main kernel saved (q and dq are 1/C of the traffic).
+// dq = s * (ds - Σ_c dctx·ctx) with the tiles' partials summed in tile order, and s recomputed
+// from q and the saved statistics (q and dq are 1/C of the traffic).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     separable_attention_backward_dq_kernel(const DqArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t total = a.rows * a.N;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < a.rows * a.N;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t row = i / a.N, n = i % a.N, b = row / a.P, p = row % a.P;
     acc_t dot = 0, ds = 0;
@@ -423,9 +427,9 @@ __global__ void __launch_bounds__(kThreads)
       dot += a.dot_part[row * a.tiles + t];
       ds += a.ds_part[(row * a.tiles + t) * a.N + n];
     }
-    const acc_t x = static_cast<acc_t>(a.q[b * a.qs.b + p * a.qs.p + n]);
+    const acc_t x = static_cast<acc_t>(a.q.data[b * a.q.sb + p * a.q.sp + n]);
     const acc_t s = exp_acc(x - a.stats[2 * row]) * a.stats[2 * row + 1];
-    a.dq[i] = static_cast<scalar_t>(s * (ds - dot));
+    a.dq.data[b * a.dq.sb + p * a.dq.sp + n] = static_cast<scalar_t>(s * (ds - dot));
   }
 }
 
@@ -464,12 +468,12 @@ int grid_size(int64_t blocks) {
 template <typename scalar_t, int W>
 void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& y,
                     at::Tensor& ctx) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = k.size(0), C = k.size(1), P = k.size(2), N = k.size(3);
-  ForwardArgs<scalar_t> a{q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                          v.const_data_ptr<scalar_t>(), row_strides(q), row_strides(k),
-                          row_strides(v), y.mutable_data_ptr<scalar_t>(),
-                          ctx.mutable_data_ptr<at::opmath_type<scalar_t>>(), C, P, N,
-                          tiling(B * P, C, N, W, sizeof(scalar_t))};
+  const ForwardArgs<scalar_t> a{rows_of<const scalar_t>(q), rows_of<const scalar_t>(k),
+                                rows_of<const scalar_t>(v), rows_of<scalar_t>(y),
+                                rows_of<acc_t>(ctx), C, P, N,
+                                tiling(B * P, C, N, W, sizeof(scalar_t))};
   separable_attention_forward_kernel<scalar_t, W>
       <<<grid_size(B * P * a.t.tiles), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -482,23 +486,21 @@ void launch_backward(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = k.size(0), C = k.size(1), P = k.size(2), N = k.size(3), rows = B * P;
   const Tiling t = tiling(rows, C, N, W, sizeof(scalar_t));
-  at::Tensor ws = at::empty({rows * t.tiles * N + rows * t.tiles + 2 * rows},
-                            k.options().dtype(acc_type(k.scalar_type())));
+  const at::Tensor ws = at::empty({rows * t.tiles * N + rows * t.tiles + 2 * rows},
+                                  k.options().dtype(acc_type(k.scalar_type())));
   acc_t* ds_part = ws.mutable_data_ptr<acc_t>();
   acc_t* dot_part = ds_part + rows * t.tiles * N;
   acc_t* stats = dot_part + rows * t.tiles;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  BackwardArgs<scalar_t> a{g.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                           k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                           ctx.const_data_ptr<acc_t>(), row_strides(g), row_strides(q),
-                           row_strides(k), row_strides(v), row_strides(ctx),
-                           dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(),
-                           ds_part, dot_part, stats, C, P, N, t};
+  const BackwardArgs<scalar_t> a{
+      rows_of<const scalar_t>(g), rows_of<const scalar_t>(q), rows_of<const scalar_t>(k),
+      rows_of<const scalar_t>(v), rows_of<const acc_t>(ctx), rows_of<scalar_t>(dk),
+      rows_of<scalar_t>(dv), ds_part, dot_part, stats, C, P, N, t};
   separable_attention_backward_kernel<scalar_t, W>
       <<<grid_size(rows * t.tiles), kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const DqArgs<scalar_t> d{q.const_data_ptr<scalar_t>(), row_strides(q), ds_part, dot_part,
-                           stats, dq.mutable_data_ptr<scalar_t>(), rows, P, N, t.tiles};
+  const DqArgs<scalar_t> d{rows_of<const scalar_t>(q), rows_of<scalar_t>(dq), ds_part, dot_part,
+                           stats, rows, P, N, t.tiles};
   const int64_t dq_blocks = std::min<int64_t>((rows * N + kThreads - 1) / kThreads, 1 << 20);
   separable_attention_backward_dq_kernel<scalar_t>
       <<<grid_size(dq_blocks), kThreads, 0, stream>>>(d);
