@@ -47,6 +47,34 @@ def _tile(ptr, rows, r_mask, row_stride, d, d_mask, ACC: tl.constexpr):
     return tl.load(ptr + rows[:, None] * row_stride + d[None, :], mask=mask, other=0.0).to(ACC)
 
 
+@triton.jit
+def _program_tile(D, BLOCK_D: tl.constexpr):
+    """This program's (b, chunk, feature offsets d, d < D); 64-bit, as tensors may exceed 2**31
+    elements."""
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return b, chunk, d, d < D
+
+
+@triton.jit
+def _q_row_stats(q_b, rows, r_mask, q_s1, w_ptr, w_s0, dg_b, D, WITH_DG: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Per row of a q tile, over every D tile: ||q||^2, q . w_g and (WITH_DG) q . dG."""
+    ss = tl.zeros([BLOCK_N], ACC)
+    xw = tl.zeros([BLOCK_N], ACC)
+    xdg = tl.zeros([BLOCK_N], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        x = _tile(q_b, rows, r_mask, q_s1, dd, dd < D, ACC)
+        w = tl.load(w_ptr + dd * w_s0, mask=dd < D, other=0.0).to(ACC)
+        ss += tl.sum(x * x, axis=1)
+        xw += tl.sum(x * w[None, :], axis=1)
+        if WITH_DG:
+            xdg += tl.sum(x * tl.load(dg_b + dd, mask=dd < D, other=0.0)[None, :], axis=1)
+    return ss, xw, xdg
+
+
 @_autotune(_WARPS, key=["N", "D"])
 @triton.jit
 def _additive_attention_forward_kernel(
@@ -58,11 +86,8 @@ def _additive_attention_forward_kernel(
     """q pass, program (b, chunk, D tile): qn, and the chunk's partial sum_n weight[n] qn[n]
     (G before the normalisation over N, which is linear) and sum_n a[n]^2."""
     ACC: tl.constexpr = gp_ptr.dtype.element_ty
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors may exceed 2**31 elements
-    chunk = tl.program_id(1).to(tl.int64)
-    d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    b, chunk, d, d_mask = _program_tile(D, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
     # The published token_dim ** -0.5, in ACC (D may arrive as a constexpr 1, so no D.to()).
     scale = 1.0 / tl.sqrt(tl.zeros([1], ACC) + D)
     q_b = q_ptr + b * q_s0
@@ -71,14 +96,8 @@ def _additive_attention_forward_kernel(
     for n0 in range(chunk * CHUNK_N, tl.minimum(N, chunk * CHUNK_N + CHUNK_N), BLOCK_N):
         rows = n0 + offs_n
         r_mask = rows < N
-        ss = tl.zeros([BLOCK_N], ACC)
-        xw = tl.zeros([BLOCK_N], ACC)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            x = _tile(q_b, rows, r_mask, q_s1, dd, dd < D, ACC)
-            w = tl.load(w_ptr + dd * w_s0, mask=dd < D, other=0.0).to(ACC)
-            ss += tl.sum(x * x, axis=1)
-            xw += tl.sum(x * w[None, :], axis=1)
+        ss, xw, _ = _q_row_stats(q_b, rows, r_mask, q_s1, w_ptr, w_s0, w_ptr, D, False,
+                                 BLOCK_N, BLOCK_D, ACC)
         inv = 1.0 / _clamp_eps(tl.sqrt(ss), EPS)
         a = xw * inv * scale
         ss_a += a * a  # rows past N have a = 0
@@ -133,10 +152,7 @@ def _additive_attention_forward_out_kernel(
 ):
     """k pass, program (b, chunk, D tile): out = G * k / max(||k||, eps)."""
     ACC: tl.constexpr = g_ptr.dtype.element_ty
-    b = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
+    b, chunk, d, d_mask = _program_tile(D, BLOCK_D)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     k_b = k_ptr + b * k_s0
     g = tl.load(g_ptr + b * D + d, mask=d_mask, other=0.0)
@@ -172,10 +188,7 @@ def _additive_attention_backward_kernel(
     """(grad_out, k) pass, program (b, chunk, D tile): dkn = grad_out * G -> dk, and the
     chunk's partial dG = sum_n grad_out[n] * kn[n]."""
     ACC: tl.constexpr = g_ptr.dtype.element_ty
-    b = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
+    b, chunk, d, d_mask = _program_tile(D, BLOCK_D)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     go_b, k_b, g_b = go_ptr + b * go_s0, k_ptr + b * k_s0, g_ptr + b * D
     g = tl.load(g_b + d, mask=d_mask, other=0.0)
@@ -234,10 +247,7 @@ def _additive_attention_backward_dq_kernel(
     """(grad_qn, q) pass, program (b, chunk, D tile):
     dqn = grad_qn + alpha dG + da scale w_g -> dq; the chunk's partial dw_g = sum_n da scale qn."""
     ACC: tl.constexpr = dg_ptr.dtype.element_ty
-    b = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
+    b, chunk, d, d_mask = _program_tile(D, BLOCK_D)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     scale = 1.0 / tl.sqrt(tl.zeros([1], ACC) + D)
     gq_b, q_b, dg_b = gq_ptr + b * gq_s0, q_ptr + b * q_s0, dg_ptr + b * D
@@ -247,16 +257,8 @@ def _additive_attention_backward_dq_kernel(
     for n0 in range(chunk * CHUNK_N, tl.minimum(N, chunk * CHUNK_N + CHUNK_N), BLOCK_N):
         rows = n0 + offs_n
         r_mask = rows < N
-        ss = tl.zeros([BLOCK_N], ACC)
-        xw = tl.zeros([BLOCK_N], ACC)
-        xdg = tl.zeros([BLOCK_N], ACC)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            x = _tile(q_b, rows, r_mask, q_s1, dd, dd < D, ACC)
-            w = tl.load(w_ptr + dd * w_s0, mask=dd < D, other=0.0).to(ACC)
-            ss += tl.sum(x * x, axis=1)
-            xw += tl.sum(x * w[None, :], axis=1)
-            xdg += tl.sum(x * tl.load(dg_b + dd, mask=dd < D, other=0.0)[None, :], axis=1)
+        ss, xw, xdg = _q_row_stats(q_b, rows, r_mask, q_s1, w_ptr, w_s0, dg_b, D, True,
+                                   BLOCK_N, BLOCK_D, ACC)
         norm = tl.sqrt(ss)
         inv = 1.0 / _clamp_eps(norm, EPS)
         a = xw * inv * scale
