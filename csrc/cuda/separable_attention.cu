@@ -73,8 +73,9 @@ Tiling tiling(int64_t rows, int64_t C, int64_t N, int W, int64_t elem_size) {
   if (C == 0) return {1, 1, group};  // one empty tile per row still writes dq = s * 0
   const int64_t want_tiles = (kMinBlocks + rows - 1) / rows;
   const int64_t fill = (C + want_tiles - 1) / want_tiles;
-  // At least one channel per lane group where B·P allows, or warps would idle.
-  const int64_t budget = std::max(kTileBytes / elem_size / std::max<int64_t>(N, 1), groups);
+  // A whole number of channels per lane group (at least one) where B·P allows: no idle warps.
+  const int64_t budget =
+      std::max<int64_t>(1, kTileBytes / elem_size / std::max<int64_t>(N, 1) / groups) * groups;
   const int64_t per = std::max<int64_t>(1, std::min({fill, budget, C, kMaxChannelTile}));
   const int64_t tiles = (C + per - 1) / per;
   return {tiles, (C + tiles - 1) / tiles, group};
