@@ -1,7 +1,8 @@
 """The ``mvit2-bench`` command: it runs, prints its table, writes the documented JSON schema
 (docs/performance.md) and a PNG, renders reports, and rejects bad filters clearly.
 
-Runs are restricted to one small shape so that the file takes seconds. No test looks at a time.
+Runs are restricted to one small shape per op so that the file takes seconds. No test looks at a
+time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from mvit2_kernels.bench.cli import main
 from mvit2_kernels.bench.timing import rotation_count
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-SHAPE = "w0.5-256px-L5-B1"  # C=128, P=4, N=16: the smallest design shape
+SHAPE = "w0.5-256px-L5-B1"  # separable: C=128, P=4, N=16: the smallest design shape
+ADD_SHAPE = "sf-xs-224px-s4-B1"  # additive: N=49 tokens of D=220: SwiftFormer-XS's last stage
+SIZES = {SHAPE: (1, 128, 4, 16), ADD_SHAPE: (1, 220, 1, 49)}  # B, C or D, P, N
+OP_OF = {SHAPE: "separable", ADD_SHAPE: "additive"}
 
 # The schema of docs/performance.md, field by field: name -> accepted types.
 TOP = {
@@ -56,6 +60,7 @@ ENVIRONMENT = {
 }
 NUM, OPT_NUM = (int, float), (int, float, type(None))
 OP_ROW = {
+    "op": str,
     "shape": str,
     "batch": int,
     "channels": int,
@@ -74,6 +79,20 @@ OP_ROW = {
     "floor_fraction": OPT_NUM,
     "speedup_vs_eager": OPT_NUM,
     "speedup_vs_compile": OPT_NUM,
+}
+OPS_SETTINGS = {
+    "quick": bool,
+    "ops": list,
+    "additive_variant": str,
+    "train_batch": int,
+    "impls": list,
+    "dtypes": list,
+    "passes": list,
+    "shapes": list,
+    "timer": str,
+    "warmup_s": NUM,
+    "min_run_time_s": NUM,
+    "min_repeats": int,
 }
 MODEL_ROW = {
     "model": str,
@@ -104,20 +123,21 @@ def assert_fields(obj: dict, spec: dict, where: str) -> None:
     missing = set(spec) - set(obj)
     assert not missing, f"{where} lacks {sorted(missing)}"
     for key, types in spec.items():
-        ok = isinstance(obj[key], types) and not isinstance(obj[key], bool)
+        ok = isinstance(obj[key], types) and (types is bool or not isinstance(obj[key], bool))
         assert ok, f"{where}[{key!r}] = {obj[key]!r} is not {types}"
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One ``--quick`` run on the CPU at one shape and dtype, with --json and --plot."""
+    """One ``--quick`` run on the CPU at one shape of each op (both ops run by default) and one
+    dtype, with --json and --plot."""
     out = tmp_path_factory.mktemp("bench")
     argv = [
         "--device",
         "cpu",
         "--quick",
         "--shape",
-        SHAPE,
+        f"{SHAPE},{ADD_SHAPE}",
         "--dtype",
         "fp32",
         "--no-progress",
@@ -131,7 +151,8 @@ def quick_run(tmp_path_factory):
 
 
 def test_design_shapes_are_the_mobilevitv2_attention_stages():
-    by_name = {s.name: s for s in shapes.design_shapes(32)}
+    separable = shapes.design_shapes(32, ["separable"])
+    by_name = {s.name: s for s in separable}
     assert len(by_name) == 3 * 2 * 3 * 2  # widths × resolutions × stages × batches
     for name, (c, n) in {
         "w1.0-256px-L3-B32": (128, 256),
@@ -143,11 +164,64 @@ def test_design_shapes_are_the_mobilevitv2_attention_stages():
         "w2.0-512px-L5-B32": (512, 64),
     }.items():
         s = by_name[name]
-        assert (s.channels, s.pixels, s.patches) == (c, 4, n), name
-    assert {s.batch for s in shapes.design_shapes(256)} == {1, 256}
+        assert (s.channels, s.pixels, s.patches, s.op) == (c, 4, n, "separable"), name
+    assert {s.batch for s in shapes.design_shapes(256, ["separable"])} == {1, 256}
 
 
-def test_op_bytes_follow_the_floor_of_design_section_1():
+# Stage dims of SwiftFormer (DESIGN §3) and the tokens each stage's attention sees at 224².
+SWIFTFORMER_DIMS = {
+    "xs": (48, 56, 112, 220),
+    "s": (48, 64, 168, 224),
+    "l1": (48, 96, 192, 384),
+    "l3": (64, 128, 320, 512),
+}
+TOKENS = (3136, 784, 196, 49)
+
+
+def test_additive_shapes_are_every_swiftformer_stage_of_xs_and_l3_and_all_variants_known():
+    expected = {
+        f"sf-{variant}-224px-s{stage + 1}-B{b}": (b, dims[stage], TOKENS[stage])
+        for variant, dims in SWIFTFORMER_DIMS.items()
+        for stage in range(4)
+        for b in (1, 32)
+    }
+    known = shapes.known_shapes(32, ["additive"])
+    assert {s.name: (s.batch, s.channels, s.patches) for s in known} == expected
+    assert all(s.op == "additive" and s.pixels == 1 for s in known)
+    timed = {s.name for s in shapes.design_shapes(32, ["additive"])}
+    assert timed == {n for n in expected if n.startswith(("sf-xs-", "sf-l3-"))}
+    both = shapes.design_shapes(32)  # the default: both ops, separable first
+    assert [s.op for s in both] == ["separable"] * 36 + ["additive"] * 16
+
+
+def test_quick_shapes_are_one_stage_per_op_at_both_batches():
+    quick = [s.name for s in shapes.quick_shapes(32)]
+    assert quick == [
+        "w1.0-256px-L3-B1",
+        "w1.0-256px-L3-B32",
+        "sf-xs-224px-s1-B1",
+        "sf-xs-224px-s1-B32",
+    ]
+    assert [s.name for s in shapes.quick_shapes(32, ["additive"])] == quick[2:]
+
+
+def test_custom_shapes_are_bxcxpxn_for_separable_and_bxnxd_for_additive():
+    (sep,) = shapes.select_shapes(["2x8x4x16"], 32)
+    assert (sep.op, sep.batch, sep.channels, sep.pixels, sep.patches) == ("separable", 2, 8, 4, 16)
+    (add,) = shapes.select_shapes(["2x49x48"], 32)
+    assert (add.name, add.op, add.batch, add.channels, add.pixels, add.patches) == (
+        "B2-N49-D48",
+        "additive",
+        2,
+        48,
+        1,
+        49,
+    )
+    with pytest.raises(ValueError, match="--op leaves additive out"):
+        shapes.select_shapes(["2x49x48"], 32, ["separable"])
+
+
+def test_op_bytes_follow_the_floor_of_each_op():
     s = shapes.Shape("s", batch=2, channels=3, pixels=4, patches=5)
     bpn = 2 * 4 * 5
     assert cases.op_bytes(s, cases.DTYPES["fp32"], "forward") == (1 + 3 * 3) * bpn * 4
@@ -155,6 +229,12 @@ def test_op_bytes_follow_the_floor_of_design_section_1():
         cases.op_bytes(s, cases.DTYPES["bf16"], "forward+backward")
         == ((1 + 3 * 3) + (2 + 5 * 3)) * bpn * 2
     )
+    # Additive: forward reads q, k and writes G*kn, qn (4·B·N·D); backward reads grad_out,
+    # grad_qn, q, k and writes dq, dk (6·B·N·D).
+    a = shapes.Shape("a", batch=2, channels=3, pixels=1, patches=5, op="additive")
+    bnd = 2 * 5 * 3
+    assert cases.op_bytes(a, cases.DTYPES["fp32"], "forward") == 4 * bnd * 4
+    assert cases.op_bytes(a, cases.DTYPES["bf16"], "forward+backward") == (4 + 6) * bnd * 2
 
 
 def test_rotation_outgrows_the_cache_within_its_memory_budget():
@@ -163,15 +243,27 @@ def test_rotation_outgrows_the_cache_within_its_memory_budget():
     assert rotation_count(1 << 20, 1 << 40, budget_bytes=8 << 20) == 8
 
 
-def test_quick_run_prints_a_row_per_impl_pass_and_dtype(quick_run):
+def test_quick_run_prints_a_table_per_op_with_a_row_per_impl_pass_and_dtype(quick_run):
     stdout, doc, _ = quick_run
-    header = next(line for line in stdout.splitlines() if line.startswith("shape"))
-    for title in ("ms", "GB/s", "floor", "×eager", "×compile"):
-        assert title in header.split()
+    lines = stdout.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith("shape")]
+    assert len(headers) == 2  # separable first, then additive, each under its title
+    for at, op, channels in zip(headers, ("separable", "additive"), ("C", "D"), strict=True):
+        assert lines[at - 1] == cases.OP_TITLES[op]
+        titles = lines[at].split()
+        assert titles[2] == channels
+        for title in ("ms", "GB/s", "floor", "×eager", "×compile"):
+            assert title in titles
     impls = ["copy", "eager", "compile", *cases.kernel_backends("cpu")]
-    rows = [line.split() for line in stdout.splitlines() if line.startswith(SHAPE)]
-    assert len(rows) == len(impls) * 2 == len(doc["rows"])
-    assert {(r[5], r[6]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd") for i in impls}
+    for shape, section in (
+        (SHAPE, lines[headers[0] : headers[1]]),
+        (ADD_SHAPE, lines[headers[1] :]),
+    ):
+        rows = [line.split() for line in section if line.startswith(shape)]
+        assert len(rows) == len(impls) * 2
+        assert {(r[5], r[6]) for r in rows} == {(p, i) for p in ("fwd", "fwd+bwd") for i in impls}
+        assert {(r[2], r[3]) for r in rows} == {(str(SIZES[shape][1]), str(SIZES[shape][3]))}
+    assert len(doc["rows"]) == 2 * len(impls) * 2
 
 
 def test_json_follows_the_documented_schema(quick_run):
@@ -181,21 +273,66 @@ def test_json_follows_the_documented_schema(quick_run):
     assert doc["command"].startswith("mvit2-bench --device cpu --quick")
     assert_fields(doc["environment"], ENVIRONMENT, "environment")
     assert doc["environment"]["device"] == "cpu" and doc["environment"]["threads"] >= 1
+    assert_fields(doc["settings"], OPS_SETTINGS, "settings")
+    assert doc["settings"]["ops"] == ["separable", "additive"]
+    assert doc["settings"]["additive_variant"] == "normalize"
     assert doc["skipped"] == []
     for row in doc["rows"]:
         assert_fields(row, OP_ROW, f"row {row.get('impl')}")
-        assert (row["shape"], row["dtype"], row["pixels"]) == (SHAPE, "fp32", 4)
-        assert row["bytes"] == cases.op_bytes(
-            shapes.Shape(SHAPE, 1, 128, 4, 16), cases.DTYPES["fp32"], row["pass"]
-        )
+        assert row["op"] == OP_OF[row["shape"]] and row["dtype"] == "fp32"
+        b, c, p, n = SIZES[row["shape"]]
+        assert (row["batch"], row["channels"], row["pixels"], row["patches"]) == (b, c, p, n)
+        shape = shapes.Shape(row["shape"], b, c, p, n, op=row["op"])
+        assert row["bytes"] == cases.op_bytes(shape, cases.DTYPES["fp32"], row["pass"])
         assert row["median_ms"] > 0 and row["repeats"] >= 1 and row["rotated_sets"] >= 1
-        # The derived columns are the definitions of docs/performance.md.
-        same = {r["impl"]: r["median_ms"] for r in doc["rows"] if r["pass"] == row["pass"]}
+        # The derived columns are the definitions of docs/performance.md, within one group.
+        same = {
+            r["impl"]: r["median_ms"]
+            for r in doc["rows"]
+            if (r["shape"], r["pass"]) == (row["shape"], row["pass"])
+        }
         assert math.isclose(row["gbps"], row["bytes"] / row["median_ms"] / 1e6)
         assert math.isclose(row["floor_ms"], same["copy"])
         assert math.isclose(row["floor_fraction"], same["copy"] / row["median_ms"])
         assert math.isclose(row["speedup_vs_eager"], same["eager"] / row["median_ms"])
         assert math.isclose(row["speedup_vs_compile"], same["compile"] / row["median_ms"])
+
+
+def test_op_additive_times_only_the_additive_attention(tmp_path):
+    path = tmp_path / "additive.json"
+    stdout = run_cli(
+        "--device",
+        "cpu",
+        "--op",
+        "additive",
+        "--quick",  # without --op: MobileViTv2-1.0 L3 and SwiftFormer-XS stage 1
+        "--train-batch",
+        "1",  # B=1 only
+        "--dtype",
+        "fp32",
+        "--pass",
+        "fwd",
+        "--no-compile",
+        "--no-progress",
+        "--json",
+        str(path),
+    )
+    assert cases.OP_TITLES["additive"] in stdout and cases.OP_TITLES["separable"] not in stdout
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["ops"] == ["additive"]
+    assert doc["settings"]["shapes"] == ["sf-xs-224px-s1-B1"]
+    impls = ["copy", "eager", *cases.kernel_backends("cpu")]
+    assert [r["impl"] for r in doc["rows"]] == impls
+    for row in doc["rows"]:
+        assert_fields(row, OP_ROW, f"row {row['impl']}")
+        assert (row["op"], row["shape"], row["pass"]) == (
+            "additive",
+            "sf-xs-224px-s1-B1",
+            "forward",
+        )
+        assert (row["batch"], row["channels"], row["pixels"], row["patches"]) == (1, 48, 1, 3136)
+        assert row["bytes"] == 4 * 3136 * 48 * 4  # 4·B·N·D fp32 elements
+        assert row["speedup_vs_compile"] is None
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="--plot needs matplotlib (in the test extra)")
@@ -208,13 +345,39 @@ def test_report_renders_and_updates_the_results_section(quick_run, tmp_path):
     _, _, out = quick_run
     text = run_cli("report", str(out / "ops.json"))
     assert "### Kernels: " in text and "**fp32, fwd+bwd**" in text
-    assert any(line.startswith(f"| {SHAPE} |") for line in text.splitlines())
+    separable, additive = text.split("#### Additive attention (SwiftFormer)")
+    assert "#### Separable attention (MobileViTv2)" in separable
+    assert "| shape | C | N |" in separable and "| shape | D | N |" in additive
+    assert any(line.startswith(f"| {SHAPE} | 128 | 16 |") for line in separable.splitlines())
+    assert any(line.startswith(f"| {ADD_SHAPE} | 220 | 49 |") for line in additive.splitlines())
     doc = tmp_path / "performance.md"
     doc.write_text("# Title\n<!-- results:begin -->\nold\n<!-- results:end -->\nafter\n")
     run_cli("report", str(out / "ops.json"), "--update", str(doc))
     updated = doc.read_text()
     assert updated.startswith("# Title\n<!-- results:begin -->\n### Kernels: ")
     assert "old" not in updated and updated.endswith("<!-- results:end -->\nafter\n")
+
+
+def test_report_and_plot_read_files_written_before_the_additive_op(quick_run, tmp_path):
+    """Rows without "op" (schema_version 1 files from before the additive op) are separable."""
+    _, doc, _ = quick_run
+    old = {k: v for k, v in doc.items() if k != "_path"}
+    old["rows"] = [
+        {k: v for k, v in r.items() if k != "op"} for r in doc["rows"] if r["op"] == "separable"
+    ]
+    old["settings"] = {
+        k: v for k, v in doc["settings"].items() if k not in ("ops", "additive_variant")
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    text = run_cli("report", str(path))
+    assert "#### Separable attention (MobileViTv2)" in text and "Additive" not in text
+    assert any(line.startswith(f"| {SHAPE} | 128 | 16 |") for line in text.splitlines())
+    if HAS_MATPLOTLIB:
+        from mvit2_kernels.bench.plot import plot
+
+        plot(old, tmp_path / "old.png")
+        assert (tmp_path / "old.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_model_run_times_each_implementation_and_finds_all_attention_modules(tmp_path):
@@ -255,8 +418,13 @@ def test_model_run_times_each_implementation_and_finds_all_attention_modules(tmp
         (["--device", "cpu", "--backend", "nope"], "available:"),
         (["--device", "cpu", "--dtype", "fp16"], "--dtype 'fp16' is not benchmarked on cpu"),
         (["--device", "cpu", "--dtype", "int8"], "choose from fp32, bf16"),
-        (["--shape", "w9*"], "--shape 'w9*' matches no shape"),
+        (["--shape", "w9*"], "--shape 'w9*' matches no separable or additive shape"),
         (["--shape", "0x1x1x1"], "must be >= 1"),
+        (["--shape", "1x0x48"], "every size of BxNxD must be >= 1"),
+        (["--op", "nope"], "--op 'nope': choose from separable, additive"),
+        (["--op", "separable,softmax"], "--op 'softmax'"),
+        (["--op", "additive", "--shape", "w1.0-*"], "--shape 'w1.0-*' matches no additive shape"),
+        (["--op", "additive", "--shape", "1x128x4x16"], "--op leaves separable out"),
         (["--pass", "sideways"], "--pass 'sideways'"),
         (["model", "--device", "cpu", "--impl", "nope"], "--impl 'nope'"),
         (["model", "--device", "cpu", "--width", "3.0"], "--width '3.0'"),
@@ -288,6 +456,7 @@ def test_python_dash_m_runs_the_cli():
     )
     assert done.returncode == 0
     assert "--quick" in done.stdout and "model" in done.stdout and "report" in done.stdout
+    assert "--op" in done.stdout and "additive" in done.stdout
 
 
 def test_plain_progress_prints_rows_to_stdout_and_no_bar_when_disabled(capsys):

@@ -1,12 +1,14 @@
 """``mvit2-bench``: what the fused kernels buy on this machine.
 
-    mvit2-bench [ops] [--quick] [--backend ...] [--dtype ...] [--shape ...] [--json P] [--plot P]
+    mvit2-bench [ops] [--quick] [--op ...] [--backend ...] [--dtype ...] [--shape ...]
+                [--json P] [--plot P]
     mvit2-bench model [--quick] [--width ...] [--json P] [--plot P]
     mvit2-bench report RESULT.json ... [--update docs/performance.md]
 
-The first (the default) times the separable-attention kernels against the eager reference,
-``torch.compile(reference)`` and the memory-copy floor; ``model`` times whole models; ``report``
-turns result files into Markdown tables.
+The first (the default) times the kernels of both ops (MobileViTv2's separable attention,
+SwiftFormer's additive attention) against the eager reference, ``torch.compile(reference)`` and
+the memory-copy floor; ``model`` times whole models; ``report`` turns result files into Markdown
+tables.
 """
 
 from __future__ import annotations
@@ -120,9 +122,17 @@ def _ops_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
         epilog="Filters take comma-separated lists and may repeat. Shapes are globs over names "
-        "such as w1.0-256px-L3-B32 (width, image size, stage, batch), or BxCxPxN.",
+        "such as w1.0-256px-L3-B32 (MobileViTv2 width, image size, stage, batch) and "
+        "sf-xs-224px-s1-B32 (SwiftFormer variant, image size, stage, batch), or custom "
+        "BxCxPxN (separable) and BxNxD (additive).",
     )
     add_common(parser)
+    parser.add_argument(
+        "--op",
+        dest="ops",
+        action="append",
+        help="separable (MobileViTv2), additive (SwiftFormer) (default: both)",
+    )
     parser.add_argument(
         "--backend",
         action="append",
@@ -138,8 +148,8 @@ def _ops_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shape",
         action="append",
-        help="glob over shape names, or BxCxPxN (default: all DESIGN §3 shapes; "
-        "--quick: w1.0-256px-L3-*)",
+        help="glob over shape names, or BxCxPxN / BxNxD (default: the DESIGN §3 shapes; "
+        "--quick: w1.0-256px-L3-*, sf-xs-224px-s1-*)",
     )
     parser.add_argument(
         "--pass", dest="passes", action="append", help="fwd, fwd+bwd (default: both)"
@@ -159,15 +169,20 @@ def _ops_parser() -> argparse.ArgumentParser:
 
 
 def _select(parser, args, device: str):
-    """The shapes, dtypes, passes and backends to time, or a parser error naming the bad value."""
+    """The ops, shapes, dtypes, passes and backends to time, or a parser error naming the bad
+    value."""
     batch = args.train_batch or shapes.train_batch(device)
     if batch < 1:
         parser.error(f"--train-batch must be >= 1, got {batch}")
+    ops = listed(args.ops) or list(shapes.OPS)
+    for op in ops:
+        if op not in shapes.OPS:
+            parser.error(f"--op {op!r}: choose from {', '.join(shapes.OPS)}")
     try:
         if args.shape:
-            chosen = shapes.select_shapes(listed(args.shape), batch)
+            chosen = shapes.select_shapes(listed(args.shape), batch, ops)
         else:
-            chosen = (shapes.quick_shapes if args.quick else shapes.design_shapes)(batch)
+            chosen = (shapes.quick_shapes if args.quick else shapes.design_shapes)(batch, ops)
     except ValueError as e:
         parser.error(str(e))
     supported = cases.DEVICE_DTYPES[device]
@@ -191,12 +206,13 @@ def _select(parser, args, device: str):
                 f"{', '.join(present) or 'none (the C++ extension is not built)'}"
             )
     impls = ["copy", "eager", *([] if args.no_compile else ["compile"]), *dict.fromkeys(backends)]
-    return chosen, list(dict.fromkeys(dtypes)), list(dict.fromkeys(passes)), impls, batch
+    ops = [op for op in shapes.OPS if any(s.op == op for s in chosen)]  # the ops that run
+    return ops, chosen, list(dict.fromkeys(dtypes)), list(dict.fromkeys(passes)), impls, batch
 
 
 def _run_ops(parser, args, argv: list[str]) -> int:
     device = resolve_device(parser, args)
-    chosen, dtypes, passes, impls, batch = _select(parser, args, device)
+    ops, chosen, dtypes, passes, impls, batch = _select(parser, args, device)
     budget = Budget.of(args.quick)
     env = environment.describe(device)
     groups = runner.plan(chosen, dtypes, passes)
@@ -206,13 +222,18 @@ def _run_ops(parser, args, argv: list[str]) -> int:
         f"{len(impls)} impls ({', '.join(impls)})",
         flush=True,
     )
-    table = op_table([s.name for s in chosen])
+    tables = {op: op_table([s.name for s in chosen if s.op == op], op) for op in ops}
     rows, skipped = [], []
     bar = progress_bar(len(groups) * len(impls), args.no_progress)
-    bar.write(table.header(), file=sys.stdout)
-    for group_rows, group_skips in runner.iter_groups(
-        groups, impls, device, budget, tick=lambda impl: bar.update()
+    op = None
+    for group, (group_rows, group_skips) in zip(
+        groups,
+        runner.iter_groups(groups, impls, device, budget, tick=lambda impl: bar.update()),
+        strict=True,
     ):
+        if group.shape.op != op:  # a table per op: its channel column means C or D
+            op, table = group.shape.op, tables[group.shape.op]
+            bar.write(f"\n{cases.OP_TITLES[op]}\n{table.header()}", file=sys.stdout)
         for skip in group_skips:
             bar.write(
                 f"skipped {skip.impl} at {skip.shape} {skip.dtype} {skip.pass_}: {skip.reason}",
@@ -226,6 +247,8 @@ def _run_ops(parser, args, argv: list[str]) -> int:
     bar.close()
     settings = {
         "quick": args.quick,
+        "ops": ops,
+        "additive_variant": cases.ADDITIVE_VARIANT,
         "train_batch": batch,
         "impls": impls,
         "dtypes": dtypes,

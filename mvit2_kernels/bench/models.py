@@ -20,6 +20,7 @@ from torch import nn
 
 from . import environment
 from .cases import DTYPES
+from .shapes import SWIFTFORMER  # depths and dims (DESIGN §3); transformers' default is XS
 from .timing import Budget, measure, rotating, rotation_count
 
 __all__ = [
@@ -34,13 +35,6 @@ __all__ = [
 
 IMPLS = ("fused", "unfused", "transformers", "transformers+fuse_")
 MODES = ("inference", "training")
-# SwiftFormer depths and dims (DESIGN §3); transformers' SwiftFormerConfig defaults to XS.
-SWIFTFORMER = {
-    "xs": ((3, 3, 6, 4), (48, 56, 112, 220)),
-    "s": ((3, 3, 9, 6), (48, 64, 168, 224)),
-    "l1": ((4, 3, 10, 5), (48, 96, 192, 384)),
-    "l3": ((4, 4, 12, 6), (64, 128, 320, 512)),
-}
 
 
 @dataclass

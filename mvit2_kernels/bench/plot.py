@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .report import DEFAULT_OP
+
 __all__ = ["plot"]
 
 BASELINES = ("eager", "compile")
@@ -29,15 +31,20 @@ def plot(doc: dict, path: str | os.PathLike) -> None:
 
 
 def _ops_figure(Figure, rows: list[dict]):
+    """A panel per op, pass and dtype: the fraction of the copy floor of each impl per shape."""
+    op_of = {r["shape"]: r.get("op", DEFAULT_OP) for r in rows}  # old files: separable only
+    ops = list(dict.fromkeys(op_of.values())) or ["-"]
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows)) or ["-"]
     passes = list(dict.fromkeys(r["pass"] for r in rows)) or ["-"]
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "copy"]
-    width = max(8.0, 0.45 * len(shapes) * len(dtypes) + 3)
-    fig = Figure(figsize=(width, 4.2 * len(passes)), layout="constrained")
-    axes = fig.subplots(len(passes), len(dtypes), squeeze=False)
+    most = max((sum(1 for o in op_of.values() if o == op) for op in ops), default=1)
+    width = max(8.0, 0.45 * most * len(dtypes) + 3)
+    panels = [(op, pass_) for op in ops for pass_ in passes]
+    fig = Figure(figsize=(width, 4.2 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), len(dtypes), squeeze=False)
     bar = 0.8 / max(len(impls), 1)
-    for i, pass_ in enumerate(passes):
+    for i, (op, pass_) in enumerate(panels):
+        shapes = [s for s, o in op_of.items() if o == op]
         for j, dtype in enumerate(dtypes):
             ax = axes[i][j]
             for k, impl in enumerate(impls):
@@ -52,7 +59,7 @@ def _ops_figure(Figure, rows: list[dict]):
                 ax.bar(xs, [got[s] for s in shapes if got.get(s)], bar, label=impl)
             ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="copy floor")
             ax.set_yscale("log")
-            ax.set_title(f"{dtype}, {pass_}")
+            ax.set_title(f"{op}, {dtype}, {pass_}")
             ax.set_ylabel("fraction of copy floor (higher is better)")
             ax.set_xticks(range(len(shapes)), shapes, rotation=60, ha="right", fontsize=7)
             ax.grid(axis="y", which="both", alpha=0.3)

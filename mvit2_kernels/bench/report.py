@@ -11,13 +11,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .table import PASS_SHORT, fmt
+from .table import CHANNELS_TITLE, PASS_SHORT, fmt
 
 __all__ = ["SCHEMA_VERSION", "document", "load", "markdown", "update_section", "write_json"]
 
 # Bump on any change that renames, retypes or removes a field; adding a field keeps the version.
 SCHEMA_VERSION = 1
 KINDS = ("ops", "model")
+# Rows written before the additive op was timed have no "op": they are all separable.
+DEFAULT_OP = "separable"
+OP_HEADINGS = {
+    "separable": "Separable attention (MobileViTv2)",
+    "additive": "Additive attention (SwiftFormer)",
+}
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 
@@ -109,9 +115,19 @@ def _md_table(header: list[str], lines: list[list[str]], text_columns: int) -> s
 
 
 def _op_tables(doc: dict) -> str:
+    """Per op, a heading and then its tables."""
+    by_op: dict[str, list[dict]] = {}
+    for r in doc["rows"]:
+        by_op.setdefault(r.get("op", DEFAULT_OP), []).append(r)
+    out = []
+    for op, rows in by_op.items():
+        out.append(f"#### {OP_HEADINGS.get(op, op)}\n\n" + _tables_of_op(rows, op))
+    return "\n".join(out)
+
+
+def _tables_of_op(rows: list[dict], op: str) -> str:
     """One table per dtype and pass: a line per shape, the baselines in ms, and for every kernel
     backend its time, bandwidth, fraction of the floor and speed-ups."""
-    rows = doc["rows"]
     kernels = list(
         dict.fromkeys(r["impl"] for r in rows if r["impl"] not in ("copy", "eager", "compile"))
     )
@@ -124,7 +140,8 @@ def _op_tables(doc: dict) -> str:
                     by_shape.setdefault(r["shape"], {})[r["impl"]] = r
             if not by_shape:
                 continue
-            header = ["shape", "C", "N", "copy floor ms", "eager ms", "compile ms"]
+            header = ["shape", CHANNELS_TITLE.get(op, "C"), "N"]
+            header += ["copy floor ms", "eager ms", "compile ms"]
             for b in kernels:
                 header += [f"{b} ms", f"{b} GB/s", f"{b} of floor", f"{b} ×eager", f"{b} ×compile"]
             lines = []

@@ -30,6 +30,7 @@ class Group:
 class OpRow:
     """One row of the table and of ``rows`` in the JSON (schema in docs/performance.md)."""
 
+    op: str
     shape: str
     batch: int
     channels: int
@@ -57,6 +58,7 @@ class OpRow:
 class Skip:
     """An implementation that could not be timed for a group, and why."""
 
+    op: str
     shape: str
     dtype: str
     pass_: str
@@ -65,6 +67,7 @@ class Skip:
 
     def to_json(self) -> dict:
         return {
+            "op": self.op,
             "shape": self.shape,
             "dtype": self.dtype,
             "pass": self.pass_,
@@ -100,12 +103,13 @@ def run_group(
         else:
             count, impl_sets = n_sets, sets
         try:
-            fn = rotating(cases.impl_callable(impl, group.pass_), impl_sets)
+            fn = rotating(cases.impl_callable(impl, group.pass_, group.shape.op), impl_sets)
             timings[impl] = (measure(fn, device, budget), count)
             del fn
         except Exception as e:  # a broken or missing backend is reported, not fatal to the run
             skips.append(
                 Skip(
+                    group.shape.op,
                     group.shape.name,
                     group.dtype,
                     group.pass_,
@@ -135,6 +139,7 @@ def _rows(group: Group, nbytes: int, timings: dict) -> list[OpRow]:
         s = group.shape
         rows.append(
             OpRow(
+                op=s.op,
                 shape=s.name,
                 batch=s.batch,
                 channels=s.channels,

@@ -5,9 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Column", "TextTable", "fmt", "model_table", "model_values", "op_table", "op_values"]
+__all__ = [
+    "CHANNELS_TITLE",
+    "Column",
+    "TextTable",
+    "fmt",
+    "model_table",
+    "model_values",
+    "op_table",
+    "op_values",
+]
 
 PASS_SHORT = {"forward": "fwd", "forward+backward": "fwd+bwd"}
+# What the "channels" field of a row is for each op: C of k/v, or D of a token.
+CHANNELS_TITLE = {"separable": "C", "additive": "D"}
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -47,14 +58,14 @@ class TextTable:
         return titles + "\n" + "  ".join("-" * c.width for c in self.columns)
 
 
-def op_table(shape_names: Sequence[str]) -> TextTable:
-    """The kernel benchmark's table, its shape column as wide as the longest name."""
+def op_table(shape_names: Sequence[str], op: str = "separable") -> TextTable:
+    """The kernel benchmark's table for one op, its shape column as wide as the longest name."""
     width = max((len(n) for n in shape_names), default=5)
     return TextTable(
         [
             Column("shape", width, left=True),
             Column("B", 3),
-            Column("C", 4),
+            Column(CHANNELS_TITLE[op], 4),
             Column("N", 4),
             Column("dtype", 5, left=True),
             Column("pass", 7, left=True),
