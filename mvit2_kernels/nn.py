@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import separable_attention
-from .reference import separable_attention_reference
+from .ops import additive_attention, separable_attention
+from .reference import additive_attention_reference, separable_attention_reference
 
-__all__ = ["SeparableAttention"]
+__all__ = ["EfficientAdditiveAttention", "SeparableAttention"]
 
 # Dropout on the softmax weights is not in the kernels (DESIGN §1); the fallback says so once
 # per process, not once per layer, so a 9-layer model does not print nine warnings.
@@ -95,3 +95,60 @@ class SeparableAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, attn_dropout={self.attn_dropout}, "
                 f"fused={self.fused}, backend={self.backend!r}")
+
+
+class EfficientAdditiveAttention(nn.Module):
+    """SwiftFormer's efficient additive attention over tokens, with the published parameters.
+
+    ``final(proj(G * kn) + qn)`` where ``qn, kn`` are the L2-normalised ``to_query(x)``,
+    ``to_key(x)`` and ``G = sum_n alpha[n] qn[n]`` with ``alpha`` from ``(qn @ w_g) * dim**-0.5``
+    (see :func:`mvit2_kernels.additive_attention`). The parameters are those of SwiftFormer's
+    code (``to_query``, ``to_key``, ``w_g``, ``proj`` — the original's ``Proj`` loads too —
+    and ``final``), so checkpoints of the original code, timm and transformers load unchanged.
+
+    Args:
+        dim: token features ``D``.
+        variant: ``"normalize"`` (current SwiftFormer code, timm) or ``"softmax"`` (the original
+            release, transformers: every token weight is 1). No default: the two differ.
+        fused: ``False`` runs :func:`~mvit2_kernels.reference.additive_attention_reference`.
+        backend: passed to :func:`mvit2_kernels.additive_attention`.
+
+    Shape:
+        ``x: Tensor[B, N, D]`` -> ``Tensor[B, N, D]``.
+    """
+
+    def __init__(self, dim: int, *, variant: str, fused: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if variant not in ("normalize", "softmax"):
+            raise ValueError(f"variant must be 'normalize' or 'softmax', got {variant!r}")
+        self.dim, self.variant, self.fused, self.backend = dim, variant, fused, backend
+        # Registration order is the published one, so state dicts list keys in the same order.
+        self.to_query = nn.Linear(dim, dim)
+        self.to_key = nn.Linear(dim, dim)
+        self.w_g = nn.Parameter(torch.randn(dim, 1))
+        self.scale_factor = dim**-0.5  # as published; the kernels use q.shape[-1] ** -0.5
+        self.proj = nn.Linear(dim, dim)
+        self.final = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: Tensor[B, N, D]`` -> ``Tensor[B, N, D]``."""
+        q, k = self.to_query(x), self.to_key(x)
+        w_g = self.w_g.to(q.dtype)  # under autocast the Linear outputs are fp16/bf16
+        if self.fused:
+            out, qn = additive_attention(q, k, w_g, variant=self.variant, backend=self.backend)
+        else:
+            out, qn = additive_attention_reference(q, k, w_g, self.variant)
+        return self.final(self.proj(out) + qn)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The original SwiftFormer code names the projection ``Proj``.
+        for key in [k for k in state_dict if k.startswith(prefix + "Proj.")]:
+            state_dict[prefix + "proj." + key[len(prefix) + 5:]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, variant={self.variant!r}, fused={self.fused}, "
+                f"backend={self.backend!r}")
