@@ -103,8 +103,8 @@ def test_softmax_variant_weights_every_token_by_one():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["views", "separate", "transposed"])
 def test_forward_and_backward_match_reference(backend, variant, dtype, shape, layout):
-    if backend in INTERPRETED and (layout != "views" or dtype == torch.float16 or max(shape) > 200):
-        pytest.skip("interpreter: kept to the views layout and small N, D for time")
+    if backend in INTERPRETED and max(shape) > 200:
+        pytest.skip("interpreter: kept to small N and D for time")
     device = device_of(backend)
     grads = grads_for(shape, dtype, device)
     outs, dl = run(*make_qkw(shape, dtype, device, layout, True), backend, variant, grads)
