@@ -55,7 +55,7 @@ def separable_attention_backward_reference(
     acc = _acc_dtype(q.dtype)
     g, qf, kf, vf = grad_y.to(acc), q.to(acc), k.to(acc), v.to(acc)
     s = torch.softmax(qf, dim=-1)
-    dv = g * ctx * (vf > 0)
+    dv = torch.where(vf <= 0, 0.0, g * ctx)  # relu's backward: NaN v passes the gradient
     dctx = (g * torch.relu(vf)).sum(dim=-1, keepdim=True)
     dk = dctx * s
     ds = (dctx * kf).sum(dim=1, keepdim=True)

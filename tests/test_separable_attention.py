@@ -117,16 +117,25 @@ def test_outputs_are_fully_written(backend, poison_empty):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_values_propagate_like_the_reference(backend):
-    q, k, v = (t.clone() for t in make_qkv((1, 3, 2, 9), torch.float32, device_of(backend))[:3])
-    q[0, 0, 0, 4] = float("inf")  # row 0: softmax of +inf is NaN everywhere
-    k[0, 1, 1, 2] = float("nan")  # row 1: one channel's context is NaN
-    v[0, 2, 1, 5] = float("nan")  # relu(NaN) is NaN
-    v[0, 0, 1, 6] = float("-inf")
-    torch.testing.assert_close(
-        separable_attention(q, k, v, backend=backend),
-        separable_attention_reference(q, k, v),
-        equal_nan=True,
+    """Forward and backward give what autograd gives on the reference, NaN and inf included."""
+
+    def inputs():
+        q, k, v = (t.clone() for t in make_qkv((1, 3, 4, 9), torch.float32, device_of(backend))[:3])
+        q[0, 0, 0, 4] = float("inf")  # row 0: softmax of +inf is NaN everywhere
+        k[0, 1, 1, 2] = float("nan")  # row 1: one channel's context is NaN
+        v[0, 2, 2, 5] = float("nan")  # relu(NaN) is NaN, and its gradient passes
+        v[0, 0, 2, 6] = float("-inf")
+        k[0, 0, 3, 1] = float("inf")  # row 3: ctx = inf; where v <= 0, dv is 0, not 0 * inf
+        return [t.requires_grad_() for t in (q, k, v)]
+
+    grad_y = torch.randn(1, 3, 4, 9, generator=torch.Generator().manual_seed(2)).to(
+        device_of(backend)
     )
+    y, grads = run(*(qkv := inputs()), qkv, backend, grad_y)
+    y_ref, grads_ref = run(*(qkv := inputs()), qkv, None, grad_y)
+    torch.testing.assert_close(y, y_ref, equal_nan=True)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

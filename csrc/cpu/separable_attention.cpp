@@ -217,19 +217,19 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
           const scalar_t* vc = v_ptr + b * vs0 + c * vs1 + p * vs2;
           const int64_t out = ((b * C + c) * P + p) * N;
           const acc_t cx = ctx_ptr[b * xs0 + c * xs1 + p * xs2];
-          // dv = g * ctx where v > 0 (a select, as autograd's relu backward: 0 * inf stays 0);
-          // dctx = sum_n g * relu(v).
+          // dv = v <= 0 ? 0 : g * ctx, autograd's relu backward (a select: 0 * inf stays 0, and
+          // NaN v passes the gradient); dctx = sum_n g * relu(v).
           const Vec vcx(cx), zero(acc_t(0));
           Vec vdctx(acc_t(0));
           for (int64_t n = 0; n < Nv; n += W) {
             const Vec gn = IO::load(gc + n), vn = IO::load(vc + n);
-            IO::store(dv_ptr + out + n, Vec::blendv(zero, gn * vcx, vn > zero));
+            IO::store(dv_ptr + out + n, Vec::blendv(gn * vcx, zero, vn <= zero));
             vdctx = at::vec::fmadd(gn, at::vec::maximum(vn, zero), vdctx);
           }
           acc_t dctx = vec_sum<acc_t>(vdctx);
           for (int64_t n = Nv; n < N; ++n) {
             const acc_t gn = static_cast<acc_t>(gc[n]), vn = static_cast<acc_t>(vc[n]);
-            dv_ptr[out + n] = static_cast<scalar_t>(vn > acc_t(0) ? gn * cx : acc_t(0));
+            dv_ptr[out + n] = static_cast<scalar_t>(vn <= acc_t(0) ? acc_t(0) : gn * cx);
             dctx += gn * relu(vn);
           }
           // dk = dctx * s; ds += dctx * k.

@@ -308,7 +308,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   __shared__ acc_t ds_s[W * kDsStride];
   const BlockTile bt(a.t, a.C, a.P, a.N, W);
 
-  // Pass A: dv = g * ctx where v > 0 (a select, as autograd's relu backward: 0 * inf stays 0);
+  // Pass A: dv = v <= 0 ? 0 : g * ctx, autograd's relu backward (a select: 0 * inf stays 0,
+  // and NaN v passes the gradient);
   // dctx = Σ_n g * relu(v). Two tensors are loaded here, so half the channels per batch keep the
   // bytes in flight of the other passes (and the registers under the launch bound).
   constexpr int kBatchA = kBatch / 2;
@@ -335,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
 #pragma unroll
         for (int e = 0; e < W; ++e) {
           const acc_t gn = static_cast<acc_t>(gv[u].v[e]), vn = static_cast<acc_t>(vv[u].v[e]);
-          out.v[e] = static_cast<scalar_t>(vn > acc_t(0) ? gn * cx[u] : acc_t(0));
+          out.v[e] = static_cast<scalar_t>(vn <= acc_t(0) ? acc_t(0) : gn * cx[u]);
           dc[u] += gn * relu(vn);
         }
         store_pack(bt.at<W>(a.dv, slot0 + u, pan), out);

@@ -14,6 +14,7 @@ Both host functions are ``torch.library.triton_op``\\ s launching through ``wrap
 ``torch.compile`` sees the kernels rather than an opaque call.
 """
 
+import contextlib
 import os
 
 import torch
@@ -163,8 +164,9 @@ def _separable_attention_backward_kernel(
         mask = c_mask[:, None] & (n0 + offs < N)[None, :]
         gg = tl.load(g_rows + n0 + offs[None, :], mask=mask, other=0.0).to(ACC)
         vv = tl.load(v_rows + n0 + offs[None, :], mask=mask, other=0.0).to(ACC)
-        # A select, as autograd's relu backward: g * ctx = inf or NaN where v <= 0 still gives 0.
-        dv = tl.where(vv > 0, gg * ctx[:, None], 0.0)
+        # Autograd's relu backward, a select: 0 where v <= 0 even if g * ctx is inf or NaN, and
+        # the gradient where v is NaN.
+        dv = tl.where(vv <= 0, 0.0, gg * ctx[:, None])
         tl.store(dv_ptr + out_rows + n0 + offs[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
         acc += gg * _relu(vv)
     dctx = tl.sum(acc, axis=1)
@@ -251,14 +253,15 @@ def separable_attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor
         return y, ctx
     rows = B * P
     fixed = _FIXED if _INTERPRET else {}
-    wrap_triton(_separable_attention_forward_kernel)[
-        lambda meta: (rows, triton.cdiv(C, meta["BLOCK_C"]))
-    ](
-        q, k, v, y, ctx, C, P, N,
-        q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        **fixed,
-    )
+    with _device_guard(k):
+        wrap_triton(_separable_attention_forward_kernel)[
+            lambda meta: (rows, triton.cdiv(C, meta["BLOCK_C"]))
+        ](
+            q, k, v, y, ctx, C, P, N,
+            q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            **fixed,
+        )
     return y, ctx
 
 
@@ -293,18 +296,27 @@ def separable_attention_backward(
     ds = torch.empty((rows, tiles, N), dtype=ctx.dtype, device=k.device)
     dot = torch.empty((rows, tiles), dtype=ctx.dtype, device=k.device)
     fixed = {"BLOCK_N": _FIXED["BLOCK_N"], "num_warps": _FIXED["num_warps"]} if _INTERPRET else {}
-    if tiles > 0:
-        wrap_triton(_separable_attention_backward_kernel)[(rows, tiles)](
-            g, q, k, v, ctx, dk, dv, ds, dot, C, P, N, tiles,
-            g.stride(0), g.stride(1), g.stride(2), q.stride(0), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            ctx.stride(0), ctx.stride(1), ctx.stride(2),
-            BLOCK_C=block_c, **fixed,
+    with _device_guard(k):
+        if tiles > 0:
+            wrap_triton(_separable_attention_backward_kernel)[(rows, tiles)](
+                g, q, k, v, ctx, dk, dv, ds, dot, C, P, N, tiles,
+                g.stride(0), g.stride(1), g.stride(2), q.stride(0), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                ctx.stride(0), ctx.stride(1), ctx.stride(2),
+                BLOCK_C=block_c, **fixed,
+            )
+        wrap_triton(_separable_attention_backward_dq_kernel)[(rows,)](
+            q, dq, ds, dot, P, N, tiles, q.stride(0), q.stride(2), **fixed,
         )
-    wrap_triton(_separable_attention_backward_dq_kernel)[(rows,)](
-        q, dq, ds, dot, P, N, tiles, q.stride(0), q.stride(2), **fixed,
-    )
     return dq, dk, dv
+
+
+def _device_guard(t: Tensor):
+    """Triton launches on the *current* CUDA device and stream: make that t's device (the C++
+    kernels use a CUDAGuard). Under torch.compile, Inductor emits its own guard."""
+    if t.is_cuda and not torch.compiler.is_compiling():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _check_backward_extras(grad_y: Tensor, k: Tensor, ctx: Tensor) -> None:
