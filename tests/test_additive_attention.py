@@ -162,8 +162,15 @@ def test_zero_rows_and_zero_w_g_follow_autograd(backend, variant):
         q, k, w, _ = make_qkw((2, 9, 5), torch.float64, device_of(backend), w_scale=w_scale)
         q[1, 2], k[0, 4] = 0, 0
         grads = grads_for(q.shape, torch.float64, q.device)
-        got = run(q, k, w.requires_grad_(), [q.requires_grad_(), k.requires_grad_(), w], backend,
-                  variant, grads)
+        got = run(
+            q,
+            k,
+            w.requires_grad_(),
+            [q.requires_grad_(), k.requires_grad_(), w],
+            backend,
+            variant,
+            grads,
+        )
         torch.testing.assert_close(got, run(q, k, w, [q, k, w], None, variant, grads))
 
 
@@ -251,8 +258,10 @@ def test_opcheck_forward_and_backward(backend, variant):
     q, k, w, _ = make_qkw((2, 21, 8), torch.float32, device_of(backend), "views")
     fwd, bwd = _ops(backend)
     if backend == "triton":
-        fwd, bwd = (torch.ops.mvit2.additive_attention_forward_triton,
-                    torch.ops.mvit2.additive_attention_backward_triton)
+        fwd, bwd = (
+            torch.ops.mvit2.additive_attention_forward_triton,
+            torch.ops.mvit2.additive_attention_backward_triton,
+        )
     _out, _qn, g, a_norm = fwd(q, k, w, variant)
     torch.library.opcheck(fwd, (q, k, w, variant))
     grads = grads_for(q.shape, q.dtype, q.device)

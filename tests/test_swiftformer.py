@@ -52,7 +52,8 @@ def test_every_configuration_is_the_published_one(name):
     with torch.device("meta"):
         m = FACTORIES[name](variant="normalize")
         hf = SwiftFormerForImageClassification(
-            SwiftFormerConfig(depths=list(depths), embed_dims=list(dims), num_labels=1000))
+            SwiftFormerConfig(depths=list(depths), embed_dims=list(dims), num_labels=1000)
+        )
     assert [len(s.blocks) for s in m.stages] == list(depths)
     assert [s.blocks[-1].attn.dim for s in m.stages] == list(dims)
     n = sum(p.numel() for p in m.parameters())
@@ -139,12 +140,14 @@ def _original_keys(sd):
 
 def _timm_keys(sd):
     """Our keys under timm's names: LayerScale2d modules hold ``gamma``."""
-    return {k + ".gamma" if k.split(".")[-1].startswith("layer_scale") else k: v
-            for k, v in sd.items()}
+    return {
+        k + ".gamma" if k.split(".")[-1].startswith("layer_scale") else k: v for k, v in sd.items()
+    }
 
 
-@pytest.mark.parametrize(("source", "rename"), [("swiftformer", _original_keys),
-                                                ("timm", _timm_keys)])
+@pytest.mark.parametrize(
+    ("source", "rename"), [("swiftformer", _original_keys), ("timm", _timm_keys)]
+)
 def test_original_and_timm_checkpoints_load_with_the_normalize_variant(x, source, rename):
     ours = ours_small("normalize")
     converted = convert_state_dict(rename(ours.state_dict()), source)
@@ -168,8 +171,10 @@ def test_our_checkpoints_need_the_variant():
     sd = ours_small().state_dict()
     with pytest.raises(ValueError, match="pass variant="):
         load_pretrained(sd, "mvit2")
-    assert load_pretrained(sd, "mvit2", variant="softmax").stages[0].blocks[-1].attn.variant \
+    assert (
+        load_pretrained(sd, "mvit2", variant="softmax").stages[0].blocks[-1].attn.variant
         == "softmax"
+    )
 
 
 def test_timm_reproduces_our_model_when_available(x):
@@ -250,8 +255,9 @@ def timm_attention(dim):
     return EfficientAdditiveAttention()
 
 
-@pytest.mark.parametrize(("module", "shape"), [(original_attention, (2, 9, 12)),
-                                              (timm_attention, (2, 12, 3, 5))])
+@pytest.mark.parametrize(
+    ("module", "shape"), [(original_attention, (2, 9, 12)), (timm_attention, (2, 12, 3, 5))]
+)
 def test_fuse_swaps_original_and_timm_attention_with_the_normalize_variant(module, shape):
     """The original module works on tokens [B, N, D], timm's on [B, C, H, W]: kept as it is."""
     model = nn.Sequential(module(12))

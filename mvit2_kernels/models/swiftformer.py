@@ -63,8 +63,9 @@ class ConvEncoder(nn.Module):
     """3×3 depthwise conv → BN → 1×1 conv → GELU → 1×1 conv, scaled per channel, plus the
     input. With ``hidden = dim`` it is also the encoder's local representation."""
 
-    def __init__(self, dim: int, hidden: int, *, drop_path: float = 0.0,
-                 bn_eps: float = 1e-5) -> None:
+    def __init__(
+        self, dim: int, hidden: int, *, drop_path: float = 0.0, bn_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm = nn.BatchNorm2d(dim, eps=bn_eps)
@@ -98,9 +99,19 @@ class SwiftFormerBlock(nn.Module):
     """The SwiftFormer encoder: local representation, then ``x + s1 * attn(x)`` over the H·W
     tokens and ``x + s2 * mlp(x)``, with per-channel scales ``layer_scale_1/2``."""
 
-    def __init__(self, dim: int, *, variant: str, mlp_ratio: float = 4.0, drop: float = 0.0,
-                 drop_path: float = 0.0, layer_scale_init: float = 1e-5, bn_eps: float = 1e-5,
-                 fused: bool = True, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        variant: str,
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float = 1e-5,
+        bn_eps: float = 1e-5,
+        fused: bool = True,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         self.local_representation = ConvEncoder(dim, dim, bn_eps=bn_eps)
         self.attn = EfficientAdditiveAttention(dim, variant=variant, fused=fused, backend=backend)
@@ -133,16 +144,29 @@ class Downsample(nn.Module):
 class SwiftFormerStage(nn.Module):
     """Optional downsampling, then ``depth - 1`` ConvEncoders and one SwiftFormer encoder."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, drop_paths: Sequence[float], *,
-                 downsample: bool, mlp_ratio: float, bn_eps: float, **block_kwargs) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        drop_paths: Sequence[float],
+        *,
+        downsample: bool,
+        mlp_ratio: float,
+        bn_eps: float,
+        **block_kwargs,
+    ) -> None:
         super().__init__()
         self.downsample = Downsample(in_dim, dim, bn_eps=bn_eps) if downsample else nn.Identity()
         hidden = int(dim * mlp_ratio)
         self.blocks = nn.Sequential(
-            *(ConvEncoder(dim, hidden, drop_path=drop_paths[j], bn_eps=bn_eps)
-              for j in range(depth - 1)),
-            SwiftFormerBlock(dim, mlp_ratio=mlp_ratio, drop_path=drop_paths[-1], bn_eps=bn_eps,
-                             **block_kwargs),
+            *(
+                ConvEncoder(dim, hidden, drop_path=drop_paths[j], bn_eps=bn_eps)
+                for j in range(depth - 1)
+            ),
+            SwiftFormerBlock(
+                dim, mlp_ratio=mlp_ratio, drop_path=drop_paths[-1], bn_eps=bn_eps, **block_kwargs
+            ),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -167,30 +191,57 @@ class SwiftFormer(nn.Module):
     mode (timm's convention for training with a distillation target).
     """
 
-    def __init__(self, depths: Sequence[int], dims: Sequence[int], num_classes: int = 1000, *,
-                 variant: str, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, layer_scale_init: float = 1e-5,
-                 bn_eps: float = 1e-5, fused: bool = True, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        depths: Sequence[int],
+        dims: Sequence[int],
+        num_classes: int = 1000,
+        *,
+        variant: str,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float = 1e-5,
+        bn_eps: float = 1e-5,
+        fused: bool = True,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         if len(depths) != len(dims) or min(depths, default=0) < 1:
-            raise ValueError(f"depths and dims must be equally long, depths >= 1; got "
-                             f"{list(depths)}, {list(dims)}")
+            raise ValueError(
+                f"depths and dims must be equally long, depths >= 1; got "
+                f"{list(depths)}, {list(dims)}"
+            )
         self.variant = variant
         self.distilled_training = False
         self.stem = nn.Sequential(
             nn.Conv2d(3, dims[0] // 2, 3, stride=2, padding=1),
-            nn.BatchNorm2d(dims[0] // 2, eps=bn_eps), nn.ReLU(),
+            nn.BatchNorm2d(dims[0] // 2, eps=bn_eps),
+            nn.ReLU(),
             nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
-            nn.BatchNorm2d(dims[0], eps=bn_eps), nn.ReLU(),
+            nn.BatchNorm2d(dims[0], eps=bn_eps),
+            nn.ReLU(),
         )
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         stages, start = [], 0
         for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
-            stages.append(SwiftFormerStage(
-                dims[max(i - 1, 0)], dim, depth, rates[start:start + depth], downsample=i > 0,
-                mlp_ratio=mlp_ratio, bn_eps=bn_eps, variant=variant, drop=drop_rate,
-                layer_scale_init=layer_scale_init, fused=fused, backend=backend))
+            stages.append(
+                SwiftFormerStage(
+                    dims[max(i - 1, 0)],
+                    dim,
+                    depth,
+                    rates[start : start + depth],
+                    downsample=i > 0,
+                    mlp_ratio=mlp_ratio,
+                    bn_eps=bn_eps,
+                    variant=variant,
+                    drop=drop_rate,
+                    layer_scale_init=layer_scale_init,
+                    fused=fused,
+                    backend=backend,
+                )
+            )
             start += depth
         self.stages = nn.Sequential(*stages)
         self.norm = nn.BatchNorm2d(dims[-1], eps=bn_eps)
@@ -226,8 +277,10 @@ def _factory(name: str):
         return SwiftFormer(depths, dims, num_classes, variant=variant, **kwargs)
 
     build.__name__ = f"swiftformer_{name}"
-    build.__doc__ = (f"SwiftFormer-{name.upper()}: depths {depths}, dims {dims}. ``variant`` "
-                     f"(``'normalize'`` or ``'softmax'``) is required; see :class:`SwiftFormer`.")
+    build.__doc__ = (
+        f"SwiftFormer-{name.upper()}: depths {depths}, dims {dims}. ``variant`` "
+        f"(``'normalize'`` or ``'softmax'``) is required; see :class:`SwiftFormer`."
+    )
     return build
 
 

@@ -57,22 +57,30 @@ _STRUCTURE = [
 def _network_renames(prefix: str, blocks: str) -> list[tuple[str, str]]:
     """``network`` alternates stage i (index 2i) and the downsampling into stage i + 1 (2i + 1)."""
     return [(rf"^{prefix}network\.{2 * i}\.{blocks}", f"stages.{i}.blocks.") for i in range(4)] + [
-        (rf"^{prefix}network\.{2 * i + 1}\.", f"stages.{i + 1}.downsample.") for i in range(3)]
+        (rf"^{prefix}network\.{2 * i + 1}\.", f"stages.{i + 1}.downsample.") for i in range(3)
+    ]
 
 
 ORIGINAL_RULES = KeyRules(
-    renames=[(r"^patch_embed\.", "stem."), (r"^dist_head\.", "head_dist."),
-             (r"\.attn\.Proj\.", ".attn.proj."), *_network_renames("", "")],
+    renames=[
+        (r"^patch_embed\.", "stem."),
+        (r"^dist_head\.", "head_dist."),
+        (r"\.attn\.Proj\.", ".attn.proj."),
+        *_network_renames("", ""),
+    ],
     structure=_STRUCTURE,
 )
 
 TIMM_RULES = KeyRules(renames=[(r"\.(layer_scale(_[12])?)\.gamma$", r".\1")], structure=_STRUCTURE)
 
 TRANSFORMERS_RULES = KeyRules(
-    renames=[(r"^swiftformer\.patch_embed\.patch_embedding\.", "stem."),
-             *_network_renames(r"swiftformer\.encoder\.", r"blocks\."),
-             (r"\.depth_wise_conv\.", ".dwconv."), (r"\.point_wise_conv([12])\.", r".pwconv\1."),
-             (r"^dist_head\.", "head_dist.")],
+    renames=[
+        (r"^swiftformer\.patch_embed\.patch_embedding\.", "stem."),
+        *_network_renames(r"swiftformer\.encoder\.", r"blocks\."),
+        (r"\.depth_wise_conv\.", ".dwconv."),
+        (r"\.point_wise_conv([12])\.", r".pwconv\1."),
+        (r"^dist_head\.", "head_dist."),
+    ],
     structure=_STRUCTURE,
 )
 
@@ -86,11 +94,16 @@ def build_from_state_dict(sd: Mapping[str, Tensor], **kwargs) -> nn.Module:
     """Our SwiftFormer for converted keys: depths, dims, MLP ratio and classes from the weights;
     ``variant`` (which weights cannot tell) from ``kwargs`` or the source's default."""
     if "variant" not in kwargs:
-        raise CheckpointError("the attention variant is not in the weights: pass "
-                              "variant='normalize' (current SwiftFormer, timm) or 'softmax' "
-                              "(original release, transformers)")
-    depths = [1 + max((int(k.split(".")[3]) for k in sd if k.startswith(f"stages.{i}.blocks.")),
-                      default=-1) for i in range(4)]
+        raise CheckpointError(
+            "the attention variant is not in the weights: pass "
+            "variant='normalize' (current SwiftFormer, timm) or 'softmax' "
+            "(original release, transformers)"
+        )
+    depths = [
+        1
+        + max((int(k.split(".")[3]) for k in sd if k.startswith(f"stages.{i}.blocks.")), default=-1)
+        for i in range(4)
+    ]
     if 0 in depths:
         raise CheckpointError(f"cannot infer the SwiftFormer stages: blocks per stage {depths}")
     last = [f"stages.{i}.blocks.{d - 1}" for i, d in enumerate(depths)]
@@ -102,28 +115,47 @@ def build_from_state_dict(sd: Mapping[str, Tensor], **kwargs) -> nn.Module:
 
 
 # transformers fixes these in SwiftFormer; the released models all use them.
-_HF_FIXED = {"num_channels": 3, "hidden_act": "gelu", "down_patch_size": 3, "down_stride": 2,
-             "down_pad": 1, "use_layer_scale": True, "drop_conv_encoder_rate": 0.0}
+_HF_FIXED = {
+    "num_channels": 3,
+    "hidden_act": "gelu",
+    "down_patch_size": 3,
+    "down_stride": 2,
+    "down_pad": 1,
+    "use_layer_scale": True,
+    "drop_conv_encoder_rate": 0.0,
+}
 
 
 def _from_hf(hf_model: nn.Module, *, fused: bool = True, backend: str = "auto") -> nn.Module:
     cfg = hf_model.config
     bad = {k: getattr(cfg, k) for k, v in _HF_FIXED.items() if getattr(cfg, k) != v}
     dims = list(cfg.embed_dims)
-    if len(cfg.depths) != 4 or not all(cfg.downsamples[i] or dims[i] != dims[i + 1]
-                                       for i in range(3)):
+    if len(cfg.depths) != 4 or not all(
+        cfg.downsamples[i] or dims[i] != dims[i + 1] for i in range(3)
+    ):
         bad.update(depths=cfg.depths, downsamples=cfg.downsamples)
     if bad:
-        raise ValueError(f"from_transformers supports the released SwiftFormer architecture "
-                         f"({_HF_FIXED}, four stages, downsampling between them); this config "
-                         f"differs: {bad}")
-    model = SwiftFormer(cfg.depths, cfg.embed_dims, cfg.num_labels, variant="softmax",
-                        mlp_ratio=cfg.mlp_ratio, drop_rate=cfg.drop_mlp_rate,
-                        drop_path_rate=cfg.drop_path_rate,
-                        layer_scale_init=cfg.layer_scale_init_value, bn_eps=cfg.batch_norm_eps,
-                        fused=fused, backend=backend)
-    model.load_state_dict(convert_state_dict(hf_model.state_dict(), "transformers",
-                                             family=FAMILY, model=model))
+        raise ValueError(
+            f"from_transformers supports the released SwiftFormer architecture "
+            f"({_HF_FIXED}, four stages, downsampling between them); this config "
+            f"differs: {bad}"
+        )
+    model = SwiftFormer(
+        cfg.depths,
+        cfg.embed_dims,
+        cfg.num_labels,
+        variant="softmax",
+        mlp_ratio=cfg.mlp_ratio,
+        drop_rate=cfg.drop_mlp_rate,
+        drop_path_rate=cfg.drop_path_rate,
+        layer_scale_init=cfg.layer_scale_init_value,
+        bn_eps=cfg.batch_norm_eps,
+        fused=fused,
+        backend=backend,
+    )
+    model.load_state_dict(
+        convert_state_dict(hf_model.state_dict(), "transformers", family=FAMILY, model=model)
+    )
     return model
 
 
@@ -150,22 +182,40 @@ def _swapper(cls: type[EfficientAdditiveAttention], variant: str, proj: str):
     return swap
 
 
-register_converter(FAMILY, "swiftformer", ORIGINAL_RULES,
-                   detect=_detect("attn.Proj.", "network."),
-                   model_defaults={"variant": "normalize"})
-register_converter(FAMILY, "timm", TIMM_RULES,
-                   detect=_detect("attn.w_g", "layer_scale.gamma"),
-                   model_defaults={"variant": "normalize"})
-register_converter(FAMILY, "transformers", TRANSFORMERS_RULES,
-                   detect=_detect("attn.w_g", "swiftformer.encoder.network."),
-                   model_defaults={"variant": "softmax"})
-register_converter(FAMILY, "mvit2", dict,
-                   detect=_detect("attn.w_g", ".local_representation.dwconv."))
+register_converter(
+    FAMILY,
+    "swiftformer",
+    ORIGINAL_RULES,
+    detect=_detect("attn.Proj.", "network."),
+    model_defaults={"variant": "normalize"},
+)
+register_converter(
+    FAMILY,
+    "timm",
+    TIMM_RULES,
+    detect=_detect("attn.w_g", "layer_scale.gamma"),
+    model_defaults={"variant": "normalize"},
+)
+register_converter(
+    FAMILY,
+    "transformers",
+    TRANSFORMERS_RULES,
+    detect=_detect("attn.w_g", "swiftformer.encoder.network."),
+    model_defaults={"variant": "softmax"},
+)
+register_converter(
+    FAMILY, "mvit2", dict, detect=_detect("attn.w_g", ".local_representation.dwconv.")
+)
 register_builder(FAMILY, build_from_state_dict)
 register_transformers_class("SwiftFormerForImageClassification", _from_hf)
-register_swapper("SwiftFormerEfficientAdditiveAttention",  # transformers
-                 _swapper(EfficientAdditiveAttention, "softmax", "proj"))
-register_swapper("EfficientAdditiveAttnetion",  # the original code (sic)
-                 _swapper(EfficientAdditiveAttention, "normalize", "Proj"))
-register_swapper("EfficientAdditiveAttention", _swapper(SpatialAdditiveAttention, "normalize",
-                                                        "proj"))  # timm
+register_swapper(
+    "SwiftFormerEfficientAdditiveAttention",  # transformers
+    _swapper(EfficientAdditiveAttention, "softmax", "proj"),
+)
+register_swapper(
+    "EfficientAdditiveAttnetion",  # the original code (sic)
+    _swapper(EfficientAdditiveAttention, "normalize", "Proj"),
+)
+register_swapper(
+    "EfficientAdditiveAttention", _swapper(SpatialAdditiveAttention, "normalize", "proj")
+)  # timm
