@@ -3,7 +3,8 @@
 - ``separable_attention(q, k, v, backend="auto")``: MobileViTv2's separable self-attention, fused;
 - ``additive_attention(q, k, w_g, variant=..., backend="auto")``: SwiftFormer's efficient
   additive attention, fused;
-- ``SeparableAttention``: the drop-in module (``qkv_proj``/``out_proj``, checkpoints load);
+- ``SeparableAttention``, ``EfficientAdditiveAttention``: drop-in modules with the public
+  parameter names, so checkpoints load;
 - ``fuse_(model)``: swap the attention of a transformers/timm model for the fused one in place;
 - ``models``: reference MobileViTv2 (classification, DeepLabV3) and SwiftFormer, weight conversion;
 - ``available_backends()``: what runs on this machine; ``reference``: the plain-PyTorch maths.
@@ -12,13 +13,15 @@
 from . import models
 from .backends import available_backends
 from .models import fuse_
-from .nn import SeparableAttention
+from .nn import EfficientAdditiveAttention, SeparableAttention
 from .ops import additive_attention, separable_attention
-from .reference import separable_attention_reference
+from .reference import additive_attention_reference, separable_attention_reference
 
 __all__ = [
+    "EfficientAdditiveAttention",
     "SeparableAttention",
     "additive_attention",
+    "additive_attention_reference",
     "available_backends",
     "fuse_",
     "models",

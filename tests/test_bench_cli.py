@@ -390,6 +390,8 @@ def test_model_run_times_each_implementation_and_finds_all_attention_modules(tmp
     path = tmp_path / "model.json"
     run_cli(
         "model",
+        "--model",
+        "mobilevitv2",
         "--device",
         "cpu",
         "--quick",

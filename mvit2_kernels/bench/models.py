@@ -120,8 +120,11 @@ def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Mo
         hf_class = transformers.SwiftFormerForImageClassification
         factory = our_factory(f"swiftformer_{variant}")
         if factory is not None:
-            builders["fused"] = lambda backend: factory(fused=True, backend=backend)
-            builders["unfused"] = lambda _: factory(fused=False)
+            # transformers' SwiftFormer is the "softmax" variant; both move the same bytes.
+            builders["fused"] = lambda backend: factory(
+                variant="softmax", fused=True, backend=backend
+            )
+            builders["unfused"] = lambda _: factory(variant="softmax", fused=False)
     builders["transformers"] = lambda _: _Logits(hf_class(config))
     # fuse_ swaps a transformers model's attention for ours in place (top-level or in models).
     fuse = getattr(mvit2_kernels, "fuse_", None) or our_factory("fuse_")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..nn import SeparableAttention
+from ..nn import EfficientAdditiveAttention, SeparableAttention
 
 __all__ = ["SWAPPERS", "fuse_", "register_swapper"]
 
@@ -59,8 +59,9 @@ def fuse_(model: nn.Module, *, fused: bool = True, backend: str = "auto") -> int
     Returns:
         The number of modules swapped.
     """
+    ours = (SeparableAttention, EfficientAdditiveAttention)  # timm shares a class name with ours
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m).__name__ in SWAPPERS and not isinstance(m, SeparableAttention)]
+               if type(m).__name__ in SWAPPERS and not isinstance(m, ours)]
     if targets and targets[0][0] == "":
         raise ValueError("fuse_ replaces submodules; got an attention module itself: "
                          "wrap it or construct mvit2_kernels.SeparableAttention directly")
