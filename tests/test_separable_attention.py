@@ -167,3 +167,19 @@ def test_double_backward_raises(backend):
     (dq,) = torch.autograd.grad(y.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         dq.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [512, 509])  # rows aligned for streaming stores, and not
+def test_cpu_outputs_beyond_the_cache_match_the_reference(dtype, N):
+    """Outputs of 8 MiB and more are written with non-temporal stores on CPU."""
+    shape = (32, 128, 4, N)
+    q, k, v, leaves = make_qkv(shape, dtype, "cpu", "views", True)
+    grad_y = torch.randn(k.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    y, grads = run(q, k, v, leaves, "cpu", grad_y)
+    y64, grads64 = run(*make_qkv(shape, torch.float64, "cpu", "views", True), None, grad_y.double())
+    y_ref, grads_ref = run(*make_qkv(shape, dtype, "cpu", "views", True), None, grad_y)
+    assert y.nbytes >= 8 << 20
+    assert_matches_reference(y, y_ref, y64)
+    for g, g_ref, g64 in zip(grads, grads_ref, grads64, strict=True):
+        assert_matches_reference(g, g_ref, g64)

@@ -11,8 +11,13 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -43,7 +48,51 @@ struct VecIO {
       x.store(p);
     }
   }
+  // A non-temporal store, for outputs too large to be read back from cache: it skips the read
+  // for ownership of the line, a third of the traffic of a plain store. p must be aligned to
+  // kStreamAlign; the caller fences (_mm_sfence) before other threads read the output.
+  static constexpr int64_t kStreamAlign = Vec::size() * sizeof(scalar_t);
+  static void store_stream(scalar_t* p, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(p, x);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm512_stream_pd(p, x);
+    } else {
+      const __m512i h = at::vec::convert_from_float<scalar_t>(x, x);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(h));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, x);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm256_stream_pd(p, x);
+    } else {
+      const __m256i h = at::vec::convert_from_float<scalar_t>(x, x);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
+    }
+#else
+    store(p, x);
+#endif
+  }
+  static void put(bool stream, scalar_t* p, const Vec& x) {
+    stream ? store_stream(p, x) : store(p, x);  // loop-invariant: the branch predicts perfectly
+  }
 };
+
+// Outputs above this size bypass the cache (store_stream): they cannot stay in a 2-core share of
+// the last-level cache until the next op reads them, and streaming saves the read for ownership.
+constexpr int64_t kStreamingStoreBytes = int64_t{8} << 20;
+
+inline bool aligned_to(const void* p, int64_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(bytes) == 0;
+}
+
+inline void fence_streaming_stores() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 // torch.relu propagates NaN; std::max(x, 0) would not.
 template <typename acc_t>
@@ -136,6 +185,8 @@ void separable_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
 
+  const bool stream = y.nbytes() >= kStreamingStoreBytes;
+
   at::parallel_for(0, B * cb.count, task_grain(cb.size * P * N), [&](int64_t begin, int64_t end) {
     acc_vector<scalar_t> s(P * N);
     int64_t s_b = -1;
@@ -158,8 +209,9 @@ void separable_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k
           ctx_ptr[(b * C + c) * P + p] = cx;
           // y = relu(v) * ctx
           const Vec vcx(cx), zero(acc_t(0));
+          const bool st = stream && aligned_to(yc, IO::kStreamAlign);
           for (int64_t n = 0; n < Nv; n += W) {
-            IO::store(yc + n, at::vec::maximum(IO::load(vc + n), zero) * vcx);
+            IO::put(st, yc + n, at::vec::maximum(IO::load(vc + n), zero) * vcx);
           }
           for (int64_t n = Nv; n < N; ++n) {
             yc[n] = static_cast<scalar_t>(relu(static_cast<acc_t>(vc[n])) * cx);
@@ -167,6 +219,7 @@ void separable_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k
         }
       }
     }
+    fence_streaming_stores();
   });
 }
 
@@ -195,6 +248,7 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const int64_t xs0 = ctx.stride(0), xs1 = ctx.stride(1), xs2 = ctx.stride(2);
+  const bool stream = dk.nbytes() >= kStreamingStoreBytes;
   // Per (batch, block): partial ds[P, N] and partial sum_c dctx * ctx [P].
   acc_vector<scalar_t> ds_part(B * cb.count * P * N), dot_part(B * cb.count * P);
 
@@ -220,10 +274,11 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
           // dv = v <= 0 ? 0 : g * ctx, autograd's relu backward (a select: 0 * inf stays 0, and
           // NaN v passes the gradient); dctx = sum_n g * relu(v).
           const Vec vcx(cx), zero(acc_t(0));
+          const bool st = stream && aligned_to(dk_ptr + out, IO::kStreamAlign);  // dv: same offset
           Vec vdctx(acc_t(0));
           for (int64_t n = 0; n < Nv; n += W) {
             const Vec gn = IO::load(gc + n), vn = IO::load(vc + n);
-            IO::store(dv_ptr + out + n, Vec::blendv(gn * vcx, zero, vn <= zero));
+            IO::put(st, dv_ptr + out + n, Vec::blendv(gn * vcx, zero, vn <= zero));
             vdctx = at::vec::fmadd(gn, at::vec::maximum(vn, zero), vdctx);
           }
           acc_t dctx = vec_sum<acc_t>(vdctx);
@@ -235,7 +290,7 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
           // dk = dctx * s; ds += dctx * k.
           const Vec vd(dctx);
           for (int64_t n = 0; n < Nv; n += W) {
-            IO::store(dk_ptr + out + n, vd * Vec::loadu(sp + n));
+            IO::put(st, dk_ptr + out + n, vd * Vec::loadu(sp + n));
             at::vec::fmadd(vd, IO::load(kc + n), Vec::loadu(dsp + n)).store(dsp + n);
           }
           for (int64_t n = Nv; n < N; ++n) {
@@ -246,6 +301,7 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
         }
       }
     }
+    fence_streaming_stores();
   });
 
   // dq = s * (ds - sum_c dctx * ctx), s recomputed: q and dq are 1/C of the traffic.
