@@ -44,3 +44,16 @@ def test_compile_fullgraph_matches_eager_forward_and_backward(backend):
     torch.testing.assert_close(loss, loss_ref)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend", CPP_BACKENDS)
+def test_export_keeps_the_op_in_the_graph(backend):
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v):
+            return separable_attention(q, k, v, backend=backend)
+
+    q, k, v = inputs(device_of(backend))
+    program = torch.export.export(Layer(), (q, k, v))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.mvit2.separable_attention_forward.default in targets
+    torch.testing.assert_close(program.module()(q, k, v), separable_attention_reference(q, k, v))
