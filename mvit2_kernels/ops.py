@@ -50,7 +50,7 @@ class SeparableAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-        y, attn_ctx = _forward_op(backend)(q, k, v)
+        y, attn_ctx = _op("separable_attention", "forward", backend)(q, k, v)
         ctx.save_for_backward(q, k, v, attn_ctx)
         ctx.backend = backend
         return y
@@ -58,7 +58,7 @@ class SeparableAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         q, k, v, attn_ctx = ctx.saved_tensors
-        grads = _backward_op(ctx.backend)(grad_y, q, k, v, attn_ctx)
+        grads = _op("separable_attention", "backward", ctx.backend)(grad_y, q, k, v, attn_ctx)
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
             grads = _NoDoubleBackward.apply("separable_attention", grad_y, q, k, v, *grads)
         return *grads, None
@@ -81,37 +81,27 @@ class _NoDoubleBackward(torch.autograd.Function):
         )
 
 
-def _forward_op(backend: str):
+def _op(name: str, direction: str, backend: str):
+    """The ``forward`` or ``backward`` op of ``name`` on a backend: the Triton module's
+    (imported lazily: it imports triton), or the C++ op behind ``torch.ops.mvit2``."""
     if backend == "triton":
-        from .triton.separable_attention import separable_attention_forward
+        from .triton import additive_attention, separable_attention
 
-        return separable_attention_forward
-    return torch.ops.mvit2.separable_attention_forward
-
-
-def _backward_op(backend: str):
-    if backend == "triton":
-        from .triton.separable_attention import separable_attention_backward
-
-        return separable_attention_backward
-    return torch.ops.mvit2.separable_attention_backward
+        module = {
+            "separable_attention": separable_attention,
+            "additive_attention": additive_attention,
+        }[name]
+        return getattr(module, f"{name}_{direction}")
+    return getattr(torch.ops.mvit2, f"{name}_{direction}")
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     """DESIGN §5: errors name the argument and the expected shape."""
+    _check_float_like({"q": q, "k": k, "v": v}, like="k")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             want = "[B, 1, P, N]" if name == "q" else "[B, C, P, N]"
             raise ValueError(f"{name} must be a 4-D tensor {want}, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    for name, t in (("q", q), ("v", v)):
-        if t.dtype != k.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but k has {k.dtype}: use one dtype")
-        if t.device != k.device:
-            raise ValueError(f"{name} is on {t.device} but k is on {k.device}: use one device")
     B, _C, P, N = k.shape
     if tuple(q.shape) != (B, 1, P, N):
         raise ValueError(
@@ -187,7 +177,7 @@ class AdditiveAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, w_g: Tensor, variant: str, backend: str):
-        out, qn, g, a_norm = _additive_op(backend, "forward")(q, k, w_g, variant)
+        out, qn, g, a_norm = _op("additive_attention", "forward", backend)(q, k, w_g, variant)
         ctx.save_for_backward(q, k, w_g, g, a_norm)
         ctx.variant, ctx.backend = variant, backend
         return out, qn
@@ -195,7 +185,7 @@ class AdditiveAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_qn: Tensor):
         q, k, w_g, g, a_norm = ctx.saved_tensors
-        grads = _additive_op(ctx.backend, "backward")(
+        grads = _op("additive_attention", "backward", ctx.backend)(
             grad_out, grad_qn, q, k, w_g, g, a_norm, ctx.variant
         )
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
@@ -205,15 +195,6 @@ class AdditiveAttentionFunction(torch.autograd.Function):
                 "additive_attention", grad_out, grad_qn, q, k, w_g, *grads
             )[1:]
         return *grads, None, None
-
-
-def _additive_op(backend: str, direction: str):
-    """The ``forward`` or ``backward`` op of a backend: Triton's module, or the C++ ops."""
-    if backend == "triton":
-        from .triton import additive_attention as triton_ops
-
-        return getattr(triton_ops, f"additive_attention_{direction}")
-    return getattr(torch.ops.mvit2, f"additive_attention_{direction}")
 
 
 def _check_additive_inputs(q: Tensor, k: Tensor, w_g: Tensor, variant: str) -> None:
