@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../checks.h"
@@ -250,7 +251,9 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
   const int64_t xs0 = ctx.stride(0), xs1 = ctx.stride(1), xs2 = ctx.stride(2);
   const bool stream = dk.nbytes() >= kStreamingStoreBytes;
   // Per (batch, block): partial ds[P, N] and partial sum_c dctx * ctx [P].
-  acc_vector<scalar_t> ds_part(B * cb.count * P * N), dot_part(B * cb.count * P);
+  // Left uninitialised (each task zeroes its own slice): a std::vector would add a pass.
+  std::unique_ptr<acc_t[]> ds_part(new acc_t[B * cb.count * P * N]);
+  std::unique_ptr<acc_t[]> dot_part(new acc_t[B * cb.count * P]);
 
   at::parallel_for(0, B * cb.count, task_grain(cb.size * P * N), [&](int64_t begin, int64_t end) {
     acc_vector<scalar_t> s(P * N);
@@ -258,8 +261,8 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / cb.count, c_begin = (task % cb.count) * cb.size;
       if (b != s_b) softmax_rows<scalar_t>(q, s_b = b, s.data());
-      acc_t* ds = ds_part.data() + task * P * N;
-      acc_t* dot = dot_part.data() + task * P;
+      acc_t* ds = ds_part.get() + task * P * N;
+      acc_t* dot = dot_part.get() + task * P;
       std::fill(ds, ds + P * N, acc_t(0));
       std::fill(dot, dot + P, acc_t(0));
       for (int64_t c = c_begin; c < std::min(C, c_begin + cb.size); ++c) {
@@ -316,7 +319,7 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
       for (int64_t blk = 0; blk < cb.count; ++blk) {
         const int64_t part = (b * cb.count + blk) * P + p;
         at::vec::map2([](Vec a, Vec x) { return a + x; }, ds.data(), ds.data(),
-                      ds_part.data() + part * N, N);
+                      ds_part.get() + part * N, N);
         dot += dot_part[part];
       }
       scalar_t* dqr = dq_ptr + row * N;
