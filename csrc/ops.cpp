@@ -17,6 +17,18 @@ TORCH_LIBRARY(mvit2, m) {
   m.def(
       "additive_attention_backward(Tensor grad_out, Tensor grad_qn, Tensor q, Tensor k,"
       " Tensor w_g, Tensor g, Tensor a_norm, str variant) -> (Tensor dq, Tensor dk, Tensor dw_g)");
+  // The whole-layer fusion's two kernels (reference.py, separable_layer_*): the context pass
+  // (s = softmax_N(w_q . x), xbar = sum_n s x; both float32, or float64) and the epilogue
+  // (y = relu(v) * ctx). Inputs x, v and grad_y are contiguous; the GEMMs around them are
+  // the library's.
+  m.def("separable_layer_context_forward(Tensor x, Tensor w_q) -> (Tensor s, Tensor xbar)");
+  m.def(
+      "separable_layer_context_backward(Tensor grad_xbar, Tensor x, Tensor w_q, Tensor s,"
+      " Tensor xbar) -> (Tensor dx, Tensor dw_q)");
+  m.def("separable_layer_epilogue_forward(Tensor v, Tensor ctx) -> Tensor y");
+  m.def(
+      "separable_layer_epilogue_backward(Tensor grad_y, Tensor v, Tensor ctx)"
+      " -> (Tensor dv, Tensor dctx)");
 }
 
 #ifndef MVIT2_NO_PYTHON

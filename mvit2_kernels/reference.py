@@ -16,6 +16,11 @@ __all__ = [
     "separable_attention_backward_reference",
     "separable_attention_forward_reference",
     "separable_attention_reference",
+    "separable_layer_context_backward_reference",
+    "separable_layer_context_forward_reference",
+    "separable_layer_epilogue_backward_reference",
+    "separable_layer_epilogue_forward_reference",
+    "separable_layer_reference",
 ]
 
 
@@ -65,6 +70,87 @@ def separable_attention_backward_reference(
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- The whole layer, and the pieces of its fused form (DESIGN §1, "A layer-level identity") ---
+#
+# With s = softmax_N(q) summing to 1 and k = W_k x + b_k, ctx = W_k x̄ + b_k where x̄ = Σ_n s[n] x[n]:
+# the keys never exist. docs/layer_fusion.md derives the backward. The fused layer is two
+# library GEMMs (v and out_proj) and a tiny one (ctx), around the two kernels contracted below.
+
+
+def separable_layer_reference(
+    x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, out_weight: Tensor,
+    out_bias: Tensor | None,
+) -> Tensor:
+    """The standard MobileViTv2 attention layer, differentiable by autograd: the oracle.
+
+    Args:
+        x: ``Tensor[B, D, P, N]``.
+        qkv_weight: ``Tensor[1 + 2C, D, 1, 1]`` (``qkv_proj.weight``); qkv_bias: ``[1 + 2C]``.
+        out_weight: ``Tensor[D_out, C, 1, 1]`` (``out_proj.weight``); out_bias: ``[D_out]``.
+
+    Returns:
+        ``Tensor[B, D_out, P, N]``: ``out_proj(relu(v) * sum_n softmax_N(q) * k)``.
+    """
+    C = (qkv_weight.shape[0] - 1) // 2
+    q, k, v = F.conv2d(x, qkv_weight, qkv_bias).split([1, C, C], dim=1)
+    return F.conv2d(separable_attention_reference(q, k, v), out_weight, out_bias)
+
+
+def separable_layer_context_forward_reference(x: Tensor, w_q: Tensor) -> tuple[Tensor, Tensor]:
+    """The context kernel's contract: one pass over x for the scores, their softmax and x̄.
+
+    Args:
+        x: ``Tensor[B, D, P, N]``.
+        w_q: ``Tensor[D]``, the q row of ``qkv_proj.weight``. q's bias is not an input: softmax
+            over N does not change when every score moves by the same amount.
+
+    Returns:
+        ``(s, xbar)``: ``s = softmax_N(w_q · x): Tensor[B, P, N]`` and
+        ``xbar = sum_n s[n] x[:, n]: Tensor[B, D, P]``, both in float32 (float64 for float64).
+    """
+    acc = _acc_dtype(x.dtype)
+    xf = x.to(acc)
+    s = torch.softmax(torch.einsum("d,bdpn->bpn", w_q.to(acc), xf), dim=-1)
+    return s, torch.einsum("bpn,bdpn->bdp", s, xf)
+
+
+def separable_layer_context_backward_reference(
+    grad_xbar: Tensor, x: Tensor, w_q: Tensor, s: Tensor, xbar: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The context kernel's backward: ``(dx, dw_q)`` through x̄ and the scores.
+
+    ``ds[n] = dx̄ · x[:, n]``; ``dq = s * (ds - dx̄ · x̄)`` (the softmax backward, with
+    ``sum_n s[n] ds[n] = dx̄ · x̄``); ``dx = dx̄ ⊗ s + w_q ⊗ dq`` in x's dtype (the caller adds
+    ``W_v^T dv``); ``dw_q = sum_{b,p,n} dq[n] x[:, n]`` in float32 (float64 for float64).
+    grad_xbar is ``Tensor[B, D, P]`` in that accumulation dtype, like s and xbar.
+    """
+    acc = _acc_dtype(x.dtype)
+    xf = x.to(acc)
+    ds = torch.einsum("bdp,bdpn->bpn", grad_xbar, xf)
+    dq = s * (ds - (grad_xbar * xbar).sum(dim=1)[..., None])
+    dx = grad_xbar[..., None] * s[:, None] + w_q.to(acc)[:, None, None] * dq[:, None]
+    return dx.to(x.dtype), torch.einsum("bpn,bdpn->d", dq, xf)
+
+
+def separable_layer_epilogue_forward_reference(v: Tensor, ctx: Tensor) -> Tensor:
+    """The epilogue kernel's contract: ``y = relu(v) * ctx`` in v's dtype.
+
+    v: ``Tensor[B, C, P, N]``; ctx: ``Tensor[B, C, P]`` in float32 (float64 for float64).
+    """
+    return (torch.relu(v.to(ctx.dtype)) * ctx[..., None]).to(v.dtype)
+
+
+def separable_layer_epilogue_backward_reference(
+    grad_y: Tensor, v: Tensor, ctx: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The epilogue's backward: ``dv = g * ctx`` where ``v > 0`` (relu's backward: NaN v passes
+    the gradient), in v's dtype, and ``dctx = sum_n g * relu(v): Tensor[B, C, P]`` in ctx's dtype.
+    """
+    g, vf = grad_y.to(ctx.dtype), v.to(ctx.dtype)
+    dv = torch.where(vf <= 0, 0.0, g * ctx[..., None])
+    return dv.to(v.dtype), (g * torch.relu(vf)).sum(dim=-1)
 
 
 # --- Efficient additive attention (SwiftFormer), DESIGN §2 -------------------------------------
