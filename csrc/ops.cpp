@@ -29,6 +29,16 @@ TORCH_LIBRARY(mvit2, m) {
   m.def(
       "separable_layer_epilogue_backward(Tensor grad_y, Tensor v, Tensor ctx)"
       " -> (Tensor dv, Tensor dctx)");
+  // CPU only: the two projections around the epilogue in one tiled pass, GEMMs included
+  // (v = w_v x + b_v, y = relu(v) * ctx, out = w_out y + b_out; v and y are also written when
+  // keep, for the backward), and the backward's dy = w_out^T grad_out fused with the epilogue's
+  // backward. w_v [C, D] and w_out [D_out, C] are 2-D.
+  m.def(
+      "separable_layer_project_forward(Tensor x, Tensor w_v, Tensor? b_v, Tensor ctx,"
+      " Tensor w_out, Tensor? b_out, bool keep) -> (Tensor out, Tensor v, Tensor y)");
+  m.def(
+      "separable_layer_project_backward(Tensor grad_out, Tensor v, Tensor ctx, Tensor w_out)"
+      " -> (Tensor dv, Tensor dctx)");
 }
 
 #ifndef MVIT2_NO_PYTHON
