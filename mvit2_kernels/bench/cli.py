@@ -2,13 +2,15 @@
 
     mvit2-bench [ops] [--quick] [--op ...] [--backend ...] [--dtype ...] [--shape ...]
                 [--json P] [--plot P]
+    mvit2-bench layer [--quick] [--shape ...] [--dtype ...] [--impl ...] [--json P] [--plot P]
     mvit2-bench model [--quick] [--width ...] [--json P] [--plot P]
     mvit2-bench report RESULT.json ... [--update docs/performance.md]
 
 The first (the default) times the kernels of both ops (MobileViTv2's separable attention,
 SwiftFormer's additive attention) against the eager reference, ``torch.compile(reference)`` and
-the memory-copy floor; ``model`` times whole models; ``report`` turns result files into Markdown
-tables.
+the memory-copy floor; ``layer`` times MobileViTv2's whole attention layer (fused with and
+without the keys, against the standard layer eager and compiled); ``model`` times whole models;
+``report`` turns result files into Markdown tables.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .timing import Budget, timer_name
 
 __all__ = ["main"]
 
-SUBCOMMANDS = ("ops", "model", "report")
+SUBCOMMANDS = ("ops", "layer", "model", "report")
 PASS_ALIASES = {
     "fwd": "forward",
     "forward": "forward",
@@ -41,11 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "ops"
     rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
-    if command == "model":
-        from . import model_cli
+    if command in ("layer", "model"):
+        from . import layer_cli, model_cli
 
-        parser = model_cli.build_parser()
-        return model_cli.run(parser, parser.parse_args(rest), argv)
+        sub = layer_cli if command == "layer" else model_cli
+        parser = sub.build_parser()
+        return sub.run(parser, parser.parse_args(rest), argv)
     if command == "report":
         parser = _report_parser()
         return _run_report(parser, parser.parse_args(rest))
@@ -114,6 +117,24 @@ def write_outputs(doc: dict, args: argparse.Namespace, echo) -> None:
 
         plot(doc, args.plot)
         echo(f"wrote {args.plot}")
+
+
+def write_skip(bar, skip: runner.Skip) -> None:
+    """One line on stderr, above the progress bar, for an implementation that raised."""
+    bar.write(
+        f"skipped {skip.impl} at {skip.shape} {skip.dtype} {skip.pass_}: {skip.reason}",
+        file=sys.stderr,
+    )
+
+
+def timing_settings(device: str, budget: Budget) -> dict:
+    """The JSON settings that say how a run timed: the tool and its budget."""
+    return {
+        "timer": timer_name(device),
+        "warmup_s": budget.warmup_s,
+        "min_run_time_s": budget.min_run_time_s,
+        "min_repeats": budget.min_repeats,
+    }
 
 
 def _ops_parser() -> argparse.ArgumentParser:
@@ -235,10 +256,7 @@ def _run_ops(parser, args, argv: list[str]) -> int:
             op, table = group.shape.op, tables[group.shape.op]
             bar.write(f"\n{cases.OP_TITLES[op]}\n{table.header()}", file=sys.stdout)
         for skip in group_skips:
-            bar.write(
-                f"skipped {skip.impl} at {skip.shape} {skip.dtype} {skip.pass_}: {skip.reason}",
-                file=sys.stderr,
-            )
+            write_skip(bar, skip)
         for row in group_rows:
             bar.write(table.line(op_values(row)), file=sys.stdout)
         sys.stdout.flush()
@@ -254,10 +272,7 @@ def _run_ops(parser, args, argv: list[str]) -> int:
         "dtypes": dtypes,
         "passes": passes,
         "shapes": [s.name for s in chosen],
-        "timer": timer_name(device),
-        "warmup_s": budget.warmup_s,
-        "min_run_time_s": budget.min_run_time_s,
-        "min_repeats": budget.min_repeats,
+        **timing_settings(device, budget),
     }
     doc = report.document("ops", argv, env, settings, rows, skipped)
     write_outputs(doc, args, print)

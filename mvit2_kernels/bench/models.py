@@ -33,7 +33,17 @@ __all__ = [
     "time_model",
 ]
 
-IMPLS = ("fused", "unfused", "transformers", "transformers+fuse_")
+IMPLS = (
+    "fused",
+    "fused-kernel",
+    "unfused",
+    "transformers",
+    "transformers+compile",
+    "transformers+fuse_",
+)
+# A compiled model is one graph: there are no attention modules left to replay and time alone,
+# so these rows leave the attention columns null.
+COMPILED_IMPLS = ("transformers+compile",)
 MODES = ("inference", "training")
 
 
@@ -113,6 +123,10 @@ def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Mo
         factory = our_factory("mobilevitv2")
         if factory is not None:
             builders["fused"] = lambda backend: factory(width=width, fused=True, backend=backend)
+            # The projections as convolutions around the fused op (the keys are computed).
+            builders["fused-kernel"] = lambda backend: factory(
+                width=width, fused="kernel", backend=backend
+            )
             builders["unfused"] = lambda _: factory(width=width, fused=False)
     else:
         depths, dims = SWIFTFORMER[variant]
@@ -126,6 +140,14 @@ def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Mo
             )
             builders["unfused"] = lambda _: factory(variant="softmax", fused=False)
     builders["transformers"] = lambda _: _Logits(hf_class(config))
+
+    def compiled_hf(_: str) -> nn.Module:
+        # A fresh dynamo state per model: each case compiles its own static-shape graph instead
+        # of hitting the recompile limit and silently running eager.
+        torch._dynamo.reset()
+        return torch.compile(_Logits(hf_class(config)), dynamic=False)
+
+    builders["transformers+compile"] = compiled_hf
     # fuse_ swaps a transformers model's attention for ours in place (top-level or in models).
     fuse = getattr(mvit2_kernels, "fuse_", None) or our_factory("fuse_")
     if fuse is not None:
@@ -260,8 +282,11 @@ def time_model(
         for _ in range(count)
     ]
     t = measure(rotating(model_step(model, case.mode), sets), device, budget)
-    replay, n_modules = _attention_replay(model, sets[0][0], case.mode)
-    attention = measure(replay, device, budget).median_ms if n_modules else None
+    if impl in COMPILED_IMPLS:
+        n_modules, attention = len(attention_modules(model)), None
+    else:
+        replay, n_modules = _attention_replay(model, sets[0][0], case.mode)
+        attention = measure(replay, device, budget).median_ms if n_modules else None
     return ModelRow(
         model=case.name,
         resolution=case.resolution,

@@ -13,7 +13,8 @@ BASELINES = ("eager", "compile")
 
 def plot(doc: dict, path: str | os.PathLike) -> None:
     """Write the chart of one result document (see :func:`mvit2_kernels.bench.report.document`):
-    for kernels, the fraction of the copy floor per shape; for models, images per second."""
+    for kernels, the fraction of the copy floor per shape; for the layer, the speed-up over the
+    compiled standard layer per shape; for models, images per second."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -22,12 +23,33 @@ def plot(doc: dict, path: str | os.PathLike) -> None:
     title = (
         f"mvit2-bench {doc['kind']}: {env['device_name']} ({env['device']}), torch {env['torch']}"
     )
-    if doc["kind"] == "ops":
-        fig = _ops_figure(Figure, doc["rows"])
-    else:
-        fig = _model_figure(Figure, doc["rows"])
+    figures = {"ops": _ops_figure, "layer": _layer_figure, "model": _model_figure}
+    fig = figures[doc["kind"]](Figure, doc["rows"])
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
+
+
+def _panel(ax, rows, field: str, shapes, impls, dtype: str, pass_: str, labels) -> None:
+    """Side-by-side bars of ``field`` per shape on a log scale, one colour per impl, for one
+    dtype and pass (a missing or null value leaves its bar out), and a dashed line at 1.0;
+    ``labels``: the title, the y axis's label and the line's."""
+    bar = 0.8 / max(len(impls), 1)
+    for k, impl in enumerate(impls):
+        got = {
+            r["shape"]: r[field]
+            for r in rows
+            if r["dtype"] == dtype and r["pass"] == pass_ and r["impl"] == impl
+        }
+        offset = (k - (len(impls) - 1) / 2) * bar
+        xs = [x + offset for x, s in enumerate(shapes) if got.get(s)]
+        ax.bar(xs, [got[s] for s in shapes if got.get(s)], bar, label=impl)
+    title, ylabel, line = labels
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label=line)
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(len(shapes)), shapes, rotation=60, ha="right", fontsize=7)
+    ax.grid(axis="y", which="both", alpha=0.3)
 
 
 def _ops_figure(Figure, rows: list[dict]):
@@ -42,27 +64,36 @@ def _ops_figure(Figure, rows: list[dict]):
     panels = [(op, pass_) for op in ops for pass_ in passes]
     fig = Figure(figsize=(width, 4.2 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), len(dtypes), squeeze=False)
-    bar = 0.8 / max(len(impls), 1)
     for i, (op, pass_) in enumerate(panels):
         shapes = [s for s, o in op_of.items() if o == op]
         for j, dtype in enumerate(dtypes):
-            ax = axes[i][j]
-            for k, impl in enumerate(impls):
-                got = {
-                    r["shape"]: r["floor_fraction"]
-                    for r in rows
-                    if r["dtype"] == dtype and r["pass"] == pass_ and r["impl"] == impl
-                }
-                xs = [
-                    x + (k - (len(impls) - 1) / 2) * bar for x, s in enumerate(shapes) if got.get(s)
-                ]
-                ax.bar(xs, [got[s] for s in shapes if got.get(s)], bar, label=impl)
-            ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="copy floor")
-            ax.set_yscale("log")
-            ax.set_title(f"{op}, {dtype}, {pass_}")
-            ax.set_ylabel("fraction of copy floor (higher is better)")
-            ax.set_xticks(range(len(shapes)), shapes, rotation=60, ha="right", fontsize=7)
-            ax.grid(axis="y", which="both", alpha=0.3)
+            labels = (
+                f"{op}, {dtype}, {pass_}",
+                "fraction of copy floor (higher is better)",
+                "copy floor",
+            )
+            _panel(axes[i][j], rows, "floor_fraction", shapes, impls, dtype, pass_, labels)
+    axes[0][0].legend(fontsize=8)
+    return fig
+
+
+def _layer_figure(Figure, rows: list[dict]):
+    """A panel per pass and dtype: each impl's speed-up over ``compile`` per shape."""
+    shapes = list(dict.fromkeys(r["shape"] for r in rows)) or ["-"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows)) or ["-"]
+    passes = list(dict.fromkeys(r["pass"] for r in rows)) or ["-"]
+    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "compile"]
+    width = max(8.0, 0.6 * len(shapes) * len(dtypes) + 3)
+    fig = Figure(figsize=(width, 4.2 * len(passes)), layout="constrained")
+    axes = fig.subplots(len(passes), len(dtypes), squeeze=False)
+    for i, pass_ in enumerate(passes):
+        for j, dtype in enumerate(dtypes):
+            labels = (
+                f"attention layer, {dtype}, {pass_}",
+                "× torch.compile of the standard layer (higher is better)",
+                "compile",
+            )
+            _panel(axes[i][j], rows, "speedup_vs_compile", shapes, impls, dtype, pass_, labels)
     axes[0][0].legend(fontsize=8)
     return fig
 

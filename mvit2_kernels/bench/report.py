@@ -17,7 +17,9 @@ __all__ = ["SCHEMA_VERSION", "document", "load", "markdown", "update_section", "
 
 # Bump on any change that renames, retypes or removes a field; adding a field keeps the version.
 SCHEMA_VERSION = 1
-KINDS = ("ops", "model")
+KINDS = ("ops", "layer", "model")
+# The baselines of a layer table, given first; every other impl gets its speed-ups beside it.
+LAYER_BASELINES = ("eager", "compile")
 # Rows written before the additive op was timed have no "op": they are all separable.
 DEFAULT_OP = "separable"
 OP_HEADINGS = {
@@ -70,7 +72,7 @@ def markdown(docs: list[dict], relative_to: str | os.PathLike = ".") -> str:
     """Markdown sections for result documents: a heading naming the machine, then the tables;
     plots saved beside a JSON file (same name, ``.png``) are linked relative to ``relative_to``."""
     parts = []
-    order = {kind: i for i, kind in enumerate(KINDS)}  # kernels first, then models
+    order = {kind: i for i, kind in enumerate(KINDS)}  # kernels, then the layer, then models
     for doc in sorted(
         docs, key=lambda d: (order[d["kind"]], d["environment"]["device"], d["created"])
     ):
@@ -78,7 +80,8 @@ def markdown(docs: list[dict], relative_to: str | os.PathLike = ".") -> str:
         png = Path(doc["_path"]).with_suffix(".png")
         if png.exists():
             parts.append(f"![{png.stem}]({Path(os.path.relpath(png, relative_to)).as_posix()})\n")
-        parts.append(_op_tables(doc) if doc["kind"] == "ops" else _model_table(doc))
+        tables = {"ops": _op_tables, "layer": _layer_tables, "model": _model_table}
+        parts.append(tables[doc["kind"]](doc))
     return "\n".join(parts)
 
 
@@ -95,7 +98,7 @@ def update_section(doc_path: str | os.PathLike, text: str) -> None:
 
 def _heading(doc: dict) -> str:
     env = doc["environment"]
-    what = "Kernels" if doc["kind"] == "ops" else "Models"
+    what = {"ops": "Kernels", "layer": "Attention layer", "model": "Models"}[doc["kind"]]
     where = (
         f"{env['device_name']}, {env['threads']} threads"
         if env["device"] == "cpu"
@@ -125,6 +128,25 @@ def _op_tables(doc: dict) -> str:
     return "\n".join(out)
 
 
+def _by_dtype_and_pass(rows: list[dict]):
+    """``(dtype, pass, {shape: {impl: row}})`` for each dtype and pass that has rows, in the
+    order they first appear: one table each."""
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for pass_ in dict.fromkeys(r["pass"] for r in rows):
+            by_shape: dict[str, dict[str, dict]] = {}
+            for r in rows:
+                if r["dtype"] == dtype and r["pass"] == pass_:
+                    by_shape.setdefault(r["shape"], {})[r["impl"]] = r
+            if by_shape:
+                yield dtype, pass_, by_shape
+
+
+def _titled_table(dtype: str, pass_: str, header: list[str], lines: list[list[str]]) -> str:
+    """A table of shapes under a bold ``dtype, pass`` title; only the shape column is text."""
+    title = f"**{dtype}, {PASS_SHORT.get(pass_, pass_)}**\n\n"
+    return title + _md_table(header, lines, text_columns=1)
+
+
 def _tables_of_op(rows: list[dict], op: str) -> str:
     """One table per dtype and pass: a line per shape, the baselines in ms, and for every kernel
     backend its time, bandwidth, fraction of the floor and speed-ups."""
@@ -132,41 +154,58 @@ def _tables_of_op(rows: list[dict], op: str) -> str:
         dict.fromkeys(r["impl"] for r in rows if r["impl"] not in ("copy", "eager", "compile"))
     )
     out = []
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        for pass_ in dict.fromkeys(r["pass"] for r in rows):
-            by_shape: dict[str, dict[str, dict]] = {}
-            for r in rows:
-                if r["dtype"] == dtype and r["pass"] == pass_:
-                    by_shape.setdefault(r["shape"], {})[r["impl"]] = r
-            if not by_shape:
-                continue
-            header = ["shape", CHANNELS_TITLE.get(op, "C"), "N"]
-            header += ["copy floor ms", "eager ms", "compile ms"]
+    for dtype, pass_, by_shape in _by_dtype_and_pass(rows):
+        header = ["shape", CHANNELS_TITLE.get(op, "C"), "N"]
+        header += ["copy floor ms", "eager ms", "compile ms"]
+        for b in kernels:
+            header += [f"{b} ms", f"{b} GB/s", f"{b} of floor", f"{b} ×eager", f"{b} ×compile"]
+        lines = []
+        for shape, impls in by_shape.items():
+            any_row = next(iter(impls.values()))
+            line = [
+                shape,
+                str(any_row["channels"]),
+                str(any_row["patches"]),
+                *(fmt(impls.get(i, {}).get("median_ms")) for i in ("copy", "eager", "compile")),
+            ]
             for b in kernels:
-                header += [f"{b} ms", f"{b} GB/s", f"{b} of floor", f"{b} ×eager", f"{b} ×compile"]
-            lines = []
-            for shape, impls in by_shape.items():
-                any_row = next(iter(impls.values()))
-                line = [
-                    shape,
-                    str(any_row["channels"]),
-                    str(any_row["patches"]),
-                    *(fmt(impls.get(i, {}).get("median_ms")) for i in ("copy", "eager", "compile")),
+                r = impls.get(b, {})
+                line += [
+                    fmt(r.get("median_ms")),
+                    fmt(r.get("gbps"), 3),
+                    fmt(r.get("floor_fraction"), 2),
+                    fmt(r.get("speedup_vs_eager"), 3),
+                    fmt(r.get("speedup_vs_compile"), 3),
                 ]
-                for b in kernels:
-                    r = impls.get(b, {})
-                    line += [
-                        fmt(r.get("median_ms")),
-                        fmt(r.get("gbps"), 3),
-                        fmt(r.get("floor_fraction"), 2),
-                        fmt(r.get("speedup_vs_eager"), 3),
-                        fmt(r.get("speedup_vs_compile"), 3),
-                    ]
-                lines.append(line)
-            out.append(
-                f"**{dtype}, {PASS_SHORT.get(pass_, pass_)}**\n\n"
-                + _md_table(header, lines, text_columns=1)
-            )
+            lines.append(line)
+        out.append(_titled_table(dtype, pass_, header, lines))
+    return "\n".join(out)
+
+
+def _layer_tables(doc: dict) -> str:
+    """One table per dtype and pass: a line per shape, the baselines in ms, and for every other
+    impl its time and speed-ups over eager and over compile (the standard layer's)."""
+    rows = doc["rows"]
+    others = [i for i in dict.fromkeys(r["impl"] for r in rows) if i not in LAYER_BASELINES]
+    out = []
+    for dtype, pass_, by_shape in _by_dtype_and_pass(rows):
+        header = ["shape", "D", "N", *(f"{b} ms" for b in LAYER_BASELINES)]
+        for i in others:
+            header += [f"{i} ms", f"{i} ×eager", f"{i} ×compile"]
+        lines = []
+        for shape, impls in by_shape.items():
+            any_row = next(iter(impls.values()))
+            line = [shape, str(any_row["channels"]), str(any_row["patches"])]
+            line += [fmt(impls.get(b, {}).get("median_ms")) for b in LAYER_BASELINES]
+            for i in others:
+                r = impls.get(i, {})
+                line += [
+                    fmt(r.get("median_ms")),
+                    fmt(r.get("speedup_vs_eager"), 3),
+                    fmt(r.get("speedup_vs_compile"), 3),
+                ]
+            lines.append(line)
+        out.append(_titled_table(dtype, pass_, header, lines))
     return "\n".join(out)
 
 

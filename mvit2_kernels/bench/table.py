@@ -10,6 +10,8 @@ __all__ = [
     "Column",
     "TextTable",
     "fmt",
+    "layer_table",
+    "layer_values",
     "model_table",
     "model_values",
     "op_table",
@@ -98,6 +100,41 @@ def op_values(row) -> list[str]:
     ]
 
 
+def layer_table(shape_names: Sequence[str]) -> TextTable:
+    """The layer benchmark's table, its shape column as wide as the longest name."""
+    width = max((len(n) for n in shape_names), default=5)
+    return TextTable(
+        [
+            Column("shape", width, left=True),
+            Column("B", 3),
+            Column("D", 4),
+            Column("N", 4),
+            Column("dtype", 5, left=True),
+            Column("pass", 7, left=True),
+            Column("impl", 19, left=True),
+            Column("ms", 8),
+            Column("×eager", 6),
+            Column("×compile", 8),
+        ]
+    )
+
+
+def layer_values(row) -> list[str]:
+    """The cells of one :class:`~mvit2_kernels.bench.layer.LayerRow`."""
+    return [
+        row.shape,
+        str(row.batch),
+        str(row.channels),
+        str(row.patches),
+        row.dtype,
+        PASS_SHORT.get(row.pass_, row.pass_),
+        row.impl,
+        fmt(row.median_ms),
+        fmt(row.speedup_vs_eager, 3),
+        fmt(row.speedup_vs_compile, 3),
+    ]
+
+
 def model_table(model_names: Sequence[str]) -> TextTable:
     """The model benchmark's table, its model column as wide as the longest name."""
     width = max((len(n) for n in model_names), default=5)
@@ -108,7 +145,7 @@ def model_table(model_names: Sequence[str]) -> TextTable:
             Column("B", 3),
             Column("dtype", 5, left=True),
             Column("mode", 9, left=True),
-            Column("impl", 18, left=True),
+            Column("impl", 20, left=True),
             Column("ms", 8),
             Column("img/s", 7),
             Column("attn ms", 8),

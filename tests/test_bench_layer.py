@@ -1,0 +1,180 @@
+"""``mvit2-bench layer`` and the model benchmark's layer-fusion impls: the layer command runs
+every implementation of the attention layer, prints its table, writes the documented JSON schema
+(docs/performance.md) and a PNG, renders a report, and rejects bad filters clearly.
+
+One tiny custom shape keeps the file to seconds (plus two small compiles per pass). No test looks
+at a time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+from test_bench_cli import ENVIRONMENT, OP_ROW, OPS_SETTINGS, TOP, assert_fields, run_cli
+
+from mvit2_kernels.bench import layer
+from mvit2_kernels.bench.cli import main
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+SHAPE, NAME = "2x8x4x16", "B2-C8-P4-N16"  # B, D, P, N
+BACKEND = "auto"  # the fused impls run what a user gets: the C++ kernels on a CPU
+IMPLS = ["fused-layer", "fused-kernel", "eager", "compile", "fused-layer+compile"]
+
+# The layer's rows and settings: the kernel benchmark's, less what only an op has (its bytes,
+# the copy floor, the op's name), plus the backend the fused impls ran.
+LAYER_ROW = {
+    k: t
+    for k, t in OP_ROW.items()
+    if k not in ("op", "bytes", "gbps", "floor_ms", "floor_fraction")
+}
+LAYER_SETTINGS = {
+    **{k: t for k, t in OPS_SETTINGS.items() if k not in ("ops", "additive_variant")},
+    "backend": str,
+    "resolved_backend": str,
+}
+
+
+@pytest.fixture(scope="module")
+def layer_run(tmp_path_factory):
+    """One ``--quick`` layer run on the CPU at one tiny shape, every impl and both passes."""
+    out = tmp_path_factory.mktemp("layer")
+    argv = ["layer", "--device", "cpu", "--quick", "--shape", SHAPE, "--backend", BACKEND]
+    argv += ["--no-progress", "--json", str(out / "layer.json")]
+    if HAS_MATPLOTLIB:
+        argv += ["--plot", str(out / "layer.png")]
+    stdout = run_cli(*argv)
+    return stdout, json.loads((out / "layer.json").read_text()), out
+
+
+def test_default_shapes_are_the_attention_stages_of_mobilevitv2_1_0():
+    got = {
+        s.name: (s.batch, s.channels, s.pixels, s.patches) for s in layer.default_shapes(32, False)
+    }
+    assert got == {
+        f"w1.0-256px-{stage}-B{b}": (b, d, 4, n)
+        for stage, d, n in (("L3", 128, 256), ("L4", 192, 64), ("L5", 256, 16))
+        for b in (1, 32)
+    }
+    quick = [s.name for s in layer.default_shapes(256, True)]
+    assert quick == ["w1.0-256px-L3-B1", "w1.0-256px-L3-B256"]
+
+
+def test_layer_run_prints_a_row_per_impl_and_pass(layer_run):
+    stdout, _, _ = layer_run
+    lines = stdout.splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.startswith("shape")]
+    assert lines[at].split() == [
+        "shape",
+        "B",
+        "D",
+        "N",
+        "dtype",
+        "pass",
+        "impl",
+        "ms",
+        "×eager",
+        "×compile",
+    ]
+    rows = [line.split() for line in lines[at + 2 :] if line.startswith(NAME)]
+    assert [r[:4] for r in rows] == [[NAME, "2", "8", "16"]] * 2 * len(IMPLS)
+    assert [(r[5], r[6]) for r in rows] == [(p, i) for p in ("fwd", "fwd+bwd") for i in IMPLS]
+    # The baselines against themselves: exactly 1, whatever the times.
+    eager = [r for r in rows if r[6] == "eager"]
+    compiled = [r for r in rows if r[6] == "compile"]
+    assert {r[8] for r in eager} == {"1.00"} and {r[9] for r in compiled} == {"1.00"}
+
+
+def test_layer_json_follows_the_documented_schema(layer_run):
+    _, doc, _ = layer_run
+    assert_fields(doc, TOP, "document")
+    assert doc["schema_version"] == 1 and doc["kind"] == "layer"
+    assert doc["command"].startswith("mvit2-bench layer --device cpu --quick")
+    assert_fields(doc["environment"], ENVIRONMENT, "environment")
+    assert_fields(doc["settings"], LAYER_SETTINGS, "settings")
+    settings = doc["settings"]
+    assert settings["impls"] == IMPLS and settings["shapes"] == [NAME]
+    assert settings["dtypes"] == ["fp32"] and settings["passes"] == ["forward", "forward+backward"]
+    assert settings["resolved_backend"] in doc["environment"]["backends"]
+    assert doc["skipped"] == []
+    assert len(doc["rows"]) == 2 * len(IMPLS)
+    for row in doc["rows"]:
+        assert_fields(row, LAYER_ROW, f"row {row.get('impl')}")
+        assert (row["batch"], row["channels"], row["pixels"], row["patches"]) == (2, 8, 4, 16)
+        assert row["median_ms"] > 0 and row["repeats"] >= 1 and row["rotated_sets"] >= 1
+        same = {r["impl"]: r["median_ms"] for r in doc["rows"] if r["pass"] == row["pass"]}
+        assert math.isclose(row["speedup_vs_eager"], same["eager"] / row["median_ms"])
+        assert math.isclose(row["speedup_vs_compile"], same["compile"] / row["median_ms"])
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="--plot needs matplotlib (in the test extra)")
+def test_layer_plot_is_a_png(layer_run):
+    _, _, out = layer_run
+    assert (out / "layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_renders_a_layer_table_per_pass(layer_run):
+    _, _, out = layer_run
+    text = run_cli("report", str(out / "layer.json"))
+    assert text.startswith("### Attention layer: ")
+    assert "**fp32, fwd**" in text and "**fp32, fwd+bwd**" in text
+    header = "| shape | D | N | eager ms | compile ms | fused-layer ms | fused-layer ×eager | "
+    assert text.count(header) == 2
+    for line in (line for line in text.splitlines() if line.startswith(f"| {NAME} |")):
+        # shape, D, N, two baselines, then three cells for each of the three other impls
+        assert line.count("|") == 1 + 3 + 2 + 3 * 3 and line.startswith(f"| {NAME} | 8 | 16 |")
+
+
+def test_layer_impls_share_parameters_and_compute_the_same_layer():
+    """Every impl is the same layer: equal outputs for the same parameters (the speed-ups
+    compare like with like)."""
+    import torch
+
+    from mvit2_kernels import SeparableAttention
+
+    torch.manual_seed(0)
+    state = SeparableAttention(8).state_dict()
+    x = torch.randn(2, 8, 4, 16)
+    want = layer.layer_step(layer.layer_module("eager", state, 8, BACKEND, False), "forward")(x)
+    for impl in ("fused-layer", "fused-kernel"):
+        got = layer.layer_step(layer.layer_module(impl, state, 8, BACKEND, False), "forward")(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--impl", "nope"], "--impl 'nope': choose from fused-layer, fused-kernel"),
+        (["--dtype", "fp16"], "--dtype 'fp16' is not benchmarked on cpu"),
+        (["--pass", "sideways"], "--pass 'sideways'"),
+        (["--shape", "w9*"], "--shape 'w9*' matches no separable shape"),
+        (["--shape", "1x49x48"], "--op leaves additive out"),
+        (["--backend", "nope"], "--backend 'nope'"),
+        (["--train-batch", "0"], "--train-batch must be >= 1"),
+    ],
+)
+def test_layer_bad_filters_exit_2_naming_the_value(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["layer", "--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "error:" in err
+
+
+def test_model_bench_has_the_layer_fusion_impls():
+    """``fused-kernel`` is our model with the convolutions around the fused op in every attention
+    module; ``transformers+compile`` is transformers' model under torch.compile (compiled lazily,
+    at its first call)."""
+    pytest.importorskip("transformers")
+    from mvit2_kernels.bench import models
+
+    builders = models.model_builders("mobilevitv2", "0.5")
+    assert {"fused", "fused-kernel", "unfused", "transformers+compile"} <= set(builders)
+    attention = models.attention_modules(builders["fused-kernel"]("auto"))
+    assert len(attention) == 2 + 4 + 3 and {m.fused for m in attention} == {"kernel"}
+    compiled = builders["transformers+compile"]("auto")
+    assert type(compiled._orig_mod).__name__ == "_Logits"
+    assert "fused-kernel" not in models.model_builders("swiftformer", "xs")
+    assert "transformers+compile" in models.model_builders("swiftformer", "xs")
