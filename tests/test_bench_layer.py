@@ -29,9 +29,10 @@ LAYER_ROW = {
     k: t
     for k, t in OP_ROW.items()
     if k not in ("op", "bytes", "gbps", "floor_ms", "floor_fraction")
-}
+} | {"round_ms": list}
 LAYER_SETTINGS = {
     **{k: t for k, t in OPS_SETTINGS.items() if k not in ("ops", "additive_variant")},
+    "repeat": int,
     "backend": str,
     "resolved_backend": str,
 }
@@ -39,9 +40,11 @@ LAYER_SETTINGS = {
 
 @pytest.fixture(scope="module")
 def layer_run(tmp_path_factory):
-    """One ``--quick`` layer run on the CPU at one tiny shape, every impl and both passes."""
+    """One ``--quick`` layer run on the CPU at one tiny shape, every impl and both passes, each
+    timed in two rounds."""
     out = tmp_path_factory.mktemp("layer")
     argv = ["layer", "--device", "cpu", "--quick", "--shape", SHAPE, "--backend", BACKEND]
+    argv += ["--repeat", "2"]
     argv += ["--no-progress", "--json", str(out / "layer.json")]
     if HAS_MATPLOTLIB:
         argv += ["--plot", str(out / "layer.png")]
@@ -95,7 +98,7 @@ def test_layer_json_follows_the_documented_schema(layer_run):
     assert_fields(doc["environment"], ENVIRONMENT, "environment")
     assert_fields(doc["settings"], LAYER_SETTINGS, "settings")
     settings = doc["settings"]
-    assert settings["impls"] == IMPLS and settings["shapes"] == [NAME]
+    assert settings["impls"] == IMPLS and settings["shapes"] == [NAME] and settings["repeat"] == 2
     assert settings["dtypes"] == ["fp32"] and settings["passes"] == ["forward", "forward+backward"]
     assert settings["resolved_backend"] in doc["environment"]["backends"]
     assert doc["skipped"] == []
@@ -103,7 +106,10 @@ def test_layer_json_follows_the_documented_schema(layer_run):
     for row in doc["rows"]:
         assert_fields(row, LAYER_ROW, f"row {row.get('impl')}")
         assert (row["batch"], row["channels"], row["pixels"], row["patches"]) == (2, 8, 4, 16)
-        assert row["median_ms"] > 0 and row["repeats"] >= 1 and row["rotated_sets"] >= 1
+        assert row["median_ms"] > 0 and row["repeats"] >= 2 and row["rotated_sets"] >= 1
+        # --repeat 2: the figure is the median of the two rounds' medians
+        assert len(row["round_ms"]) == 2
+        assert math.isclose(row["median_ms"], sum(row["round_ms"]) / 2)
         same = {r["impl"]: r["median_ms"] for r in doc["rows"] if r["pass"] == row["pass"]}
         assert math.isclose(row["speedup_vs_eager"], same["eager"] / row["median_ms"])
         assert math.isclose(row["speedup_vs_compile"], same["compile"] / row["median_ms"])
@@ -153,6 +159,7 @@ def test_layer_impls_share_parameters_and_compute_the_same_layer():
         (["--shape", "1x49x48"], "--op leaves additive out"),
         (["--backend", "nope"], "--backend 'nope'"),
         (["--train-batch", "0"], "--train-batch must be >= 1"),
+        (["--repeat", "0"], "--repeat must be >= 1"),
     ],
 )
 def test_layer_bad_filters_exit_2_naming_the_value(argv, says, capsys):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,18 +33,19 @@ from . import shapes
 from .cases import DTYPES
 from .runner import Group, Skip
 from .shapes import Shape
-from .timing import Budget, measure, rotating, rotation_count
+from .timing import Budget, Timing, measure, rotating, rotation_count
 
 __all__ = [
     "DEFAULT_DTYPES",
     "IMPLS",
     "LayerRow",
     "default_shapes",
+    "group_rows",
     "input_sets",
     "layer_module",
     "layer_step",
-    "run_group",
     "set_bytes",
+    "time_group",
 ]
 
 # impl -> (SeparableAttention's ``fused``, whether torch.compile wraps the module)
@@ -85,6 +87,7 @@ class LayerRow:
     iqr_ms: float
     repeats: int
     rotated_sets: int
+    round_ms: list[float]  # each round's median (--repeat); median_ms is their median
     speedup_vs_eager: float | None = None
     speedup_vs_compile: float | None = None
 
@@ -153,7 +156,7 @@ def layer_step(module: nn.Module, pass_: str) -> Callable[..., object]:
     return forward_backward
 
 
-def run_group(
+def time_group(
     group: Group,
     impls: list[str],
     device: str,
@@ -161,9 +164,10 @@ def run_group(
     backend: str,
     cache_bytes: int,
     tick: Callable[[str], None] = lambda impl: None,
-) -> tuple[list[LayerRow], list[Skip]]:
-    """Time ``impls`` on one group's inputs with one set of parameters; ``tick(impl)`` is called
-    after each, timed or skipped. A failing impl becomes a :class:`Skip`, not an error."""
+) -> tuple[dict[str, Timing], list[Skip], int]:
+    """Time ``impls`` on one group's inputs with one set of parameters: the timing of each impl,
+    a :class:`Skip` for each that raised (not fatal), and the number of rotated input sets.
+    ``tick(impl)`` is called after each, timed or skipped."""
     s, dtype = group.shape, DTYPES[group.dtype]
     training = group.pass_ == "forward+backward"
     state = {
@@ -183,24 +187,40 @@ def run_group(
         module = None
         gc.collect()  # this impl's graphs and saved activations go before the next is timed
         tick(impl)
-    eager, compiled = (timings[i].median_ms if i in timings else None for i in ("eager", "compile"))
-    rows = [
-        LayerRow(
-            shape=s.name,
-            batch=s.batch,
-            channels=s.channels,
-            pixels=s.pixels,
-            patches=s.patches,
-            dtype=group.dtype,
-            pass_=group.pass_,
-            impl=impl,
-            median_ms=t.median_ms,
-            iqr_ms=t.iqr_ms,
-            repeats=t.repeats,
-            rotated_sets=count,
-            speedup_vs_eager=None if eager is None else eager / t.median_ms,
-            speedup_vs_compile=None if compiled is None else compiled / t.median_ms,
+    return timings, skips, count
+
+
+def group_rows(group: Group, rounds: list[dict[str, Timing]], count: int) -> list[LayerRow]:
+    """The rows of one group from its rounds (the :func:`time_group` timings of each): per impl
+    the median of its round medians, the median of their IQRs and the speed-ups over the
+    baselines' medians; impls in the order they were timed."""
+
+    def median_of(impl: str, field: str) -> float | None:
+        got = [getattr(r[impl], field) for r in rounds if impl in r]
+        return statistics.median(got) if got else None
+
+    impls = list(dict.fromkeys(impl for r in rounds for impl in r))
+    eager, compiled = median_of("eager", "median_ms"), median_of("compile", "median_ms")
+    s, rows = group.shape, []
+    for impl in impls:
+        ms = median_of(impl, "median_ms")
+        rows.append(
+            LayerRow(
+                shape=s.name,
+                batch=s.batch,
+                channels=s.channels,
+                pixels=s.pixels,
+                patches=s.patches,
+                dtype=group.dtype,
+                pass_=group.pass_,
+                impl=impl,
+                median_ms=ms,
+                iqr_ms=median_of(impl, "iqr_ms"),
+                repeats=sum(r[impl].repeats for r in rounds if impl in r),
+                rotated_sets=count,
+                round_ms=[r[impl].median_ms for r in rounds if impl in r],
+                speedup_vs_eager=None if eager is None else eager / ms,
+                speedup_vs_compile=None if compiled is None else compiled / ms,
+            )
         )
-        for impl, t in timings.items()
-    ]
-    return rows, skips
+    return rows

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend", default="auto", help="backend of the fused impls (default auto)"
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time every group this many times, round-robin over the groups, and report the "
+        "median of the rounds' medians (for a machine that other work shares; default 1)",
+    )
     return parser
 
 
@@ -66,6 +73,8 @@ def _select(parser, args, device: str):
     batch = shapes.train_batch(device) if args.train_batch is None else args.train_batch
     if batch < 1:
         parser.error(f"--train-batch must be >= 1, got {batch}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     try:
         if args.shape:
             chosen = shapes.select_shapes(listed(args.shape), batch, ["separable"])
@@ -113,24 +122,35 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
         flush=True,
     )
     table = layer_table([s.name for s in chosen])
-    bar = progress_bar(len(groups) * len(impls), args.no_progress)
+    bar = progress_bar(args.repeat * len(groups) * len(impls), args.no_progress)
     bar.write(table.header(), file=sys.stdout)
     cache = environment.last_level_cache_bytes(device)
-    rows, skipped = [], []
+    rows = []
     torch.manual_seed(0)
-    for group in groups:
-        group_rows, group_skips = layer.run_group(
-            group, impls, device, budget, args.backend, cache, tick=lambda impl: bar.update()
-        )
-        for skip in group_skips:
-            write_skip(bar, skip)
-        for row in group_rows:
-            bar.write(table.line(layer_values(row)), file=sys.stdout)
-        rows += [r.to_json() for r in group_rows]
-        skipped += [s.to_json() for s in group_skips]
+    timed: dict[runner.Group, list[dict]] = {g: [] for g in groups}
+    failed: dict[tuple[runner.Group, str], runner.Skip] = {}
+    for round_ in range(args.repeat):
+        # Round-robin over the groups: a burst of other work on the machine spoils one round of
+        # a group rather than every round of it.
+        for group in groups:
+            timings, skips, count = layer.time_group(
+                group, impls, device, budget, args.backend, cache, tick=lambda impl: bar.update()
+            )
+            timed[group].append(timings)
+            for skip in skips:
+                if (group, skip.impl) not in failed:
+                    failed[group, skip.impl] = skip
+                    write_skip(bar, skip)
+            if round_ == args.repeat - 1:
+                group_rows = layer.group_rows(group, timed[group], count)
+                for row in group_rows:
+                    bar.write(table.line(layer_values(row)), file=sys.stdout)
+                rows += [r.to_json() for r in group_rows]
+    skipped = [s.to_json() for s in failed.values()]
     bar.close()
     settings = {
         "quick": args.quick,
+        "repeat": args.repeat,
         "train_batch": batch,
         "backend": args.backend,
         "resolved_backend": resolved,
