@@ -24,8 +24,9 @@ KERNELS = (
 )
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # (B, D or C, P, N): N = 1; D = 1; odd N and D; D a multiple of 4 with N one past a vector;
-# B = 1 with N = 1000 (many vectors and a ragged one).
-SHAPES = [(2, 3, 2, 1), (1, 1, 3, 20), (2, 5, 4, 7), (3, 8, 2, 17), (1, 13, 2, 1000)]
+# B = 1 with N = 1000 (many vectors and a ragged one) and rows of x over 128 KiB in fp32 (the CPU
+# kernels then take fewer than P rows at a time).
+SHAPES = [(2, 3, 2, 1), (1, 1, 3, 20), (2, 5, 4, 7), (3, 8, 2, 17), (1, 70, 3, 1000)]
 EMPTY_SHAPES = [(0, 3, 2, 5), (2, 0, 2, 5), (2, 3, 0, 5), (2, 3, 2, 0)]
 # Triton without a GPU runs in its interpreter, one program at a time: small shapes only there.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -180,19 +181,19 @@ def test_epilogue_non_finite_values_follow_relu_and_its_backward(dtype, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_context_backward_is_deterministic(backend):
-    """dw_q sums the rows' partials in a fixed order: on CPU the same bits on 1 thread and 2,
-    elsewhere the same bits twice. Shape: rows big enough to be split across threads."""
-    shape = (2, 9, 3, 33) if backend == "triton" and INTERPRETED else (4, 70, 4, 256)
+def test_context_kernels_are_deterministic(backend):
+    """dw_q sums the rows' partials in a fixed order: on CPU the same bits on 1 thread and 2
+    (9 rows of 3 batches: the threads' halves split a batch), elsewhere the same bits twice."""
+    shape = (2, 9, 3, 33) if backend == "triton" and INTERPRETED else (3, 70, 3, 256)
     x, w_q, s, xbar = context_inputs(shape, torch.float32, device_of(backend))
     grad_xbar = randn(*xbar.shape, device=x.device, seed=3)
-    fn = kernel(backend, KERNELS[1])
+    forward, backward = kernel(backend, KERNELS[0]), kernel(backend, KERNELS[1])
     threads = torch.get_num_threads()
     runs = []
     try:
         for n in (1, 2) if backend == "cpu" else (threads, threads):
             torch.set_num_threads(n)
-            runs.append(fn(grad_xbar, x, w_q, s, xbar))
+            runs.append((*forward(x, w_q), *backward(grad_xbar, x, w_q, s, xbar)))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*runs, strict=True):

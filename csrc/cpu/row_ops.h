@@ -27,6 +27,22 @@ struct VecIO {
   static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
   static constexpr int64_t W = Vec::size();
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // One float vector rounded to W halves (convert_from_float would convert two for one). bf16
+  // on AVX512-BF16 is one instruction, which rounds like torch but flushes bf16 subnormals
+  // (|x| < 1.2e-38) to zero; elsewhere at::vec's rounding, torch's own.
+  static auto narrow(const Vec& x) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+      return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+      return at::vec::cvtfp32_bf16(x);
+#endif
+    } else {
+      return at::vec::cvtfp32_fp16(x);
+    }
+  }
+#endif
   static Vec load(const scalar_t* p) {
     if constexpr (kReduced) {
       Vec out;
@@ -37,10 +53,16 @@ struct VecIO {
     }
   }
   static void store(scalar_t* p, const Vec& x) {
-    if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(x, x).store(p, Vec::size());
-    } else {
+    if constexpr (!kReduced) {
       x.store(p);
+    } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(x));
+#elif defined(CPU_CAPABILITY_AVX2)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(x));
+#else
+      at::vec::convert_from_float<scalar_t>(x, x).store(p, Vec::size());
+#endif
     }
   }
   // The first `count` (<= W) elements, the rest 0: a row's last, partial vector goes through
@@ -69,8 +91,7 @@ struct VecIO {
     } else if constexpr (std::is_same_v<scalar_t, double>) {
       _mm512_stream_pd(p, x);
     } else {
-      const __m512i h = at::vec::convert_from_float<scalar_t>(x, x);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(h));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow(x));
     }
 #elif defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -78,8 +99,7 @@ struct VecIO {
     } else if constexpr (std::is_same_v<scalar_t, double>) {
       _mm256_stream_pd(p, x);
     } else {
-      const __m256i h = at::vec::convert_from_float<scalar_t>(x, x);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), narrow(x));
     }
 #else
     store(p, x);

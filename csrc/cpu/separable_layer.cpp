@@ -8,9 +8,13 @@
 //   epilogue forward,  task per row of v as [B·C·P, N]:  y = relu(v) ctx
 //   epilogue backward, task per row:                     dv = g ctx [v > 0], dctx = Σ_n g relu(v)
 //
-// A row of x is a [D, N] matrix with channels P·N apart. Its two passes (scores, then x̄; ds,
-// then dx) walk it channel by channel, G = 4 channels at a time so that four independent FMA
-// chains run; the second pass finds the row in L2 (D·N ≤ 384·1024 for MobileViTv2).
+// A row of x is a [D, N] matrix with channels P·N apart. The context kernels take the rows of a
+// task's range in blocks of consecutive rows of one batch, whose channels interleave in memory:
+// each pass sweeps the block channel by channel (G = 4 at a time, four independent FMA chains),
+// reading x in address order, so the hardware prefetcher streams it (row by row, each channel
+// would be an isolated 1 KiB in its own page). A block is at most kBlockBytes of x, so that the
+// second pass (x̄; dx) finds it in L2. The arithmetic of a row does not depend on its block:
+// results are the same bits for any thread count.
 #include "vec_isa.h"  // first: it configures at::vec
 
 #include <ATen/Dispatch.h>
@@ -22,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 
 #include "../separable_layer_checks.h"
 #include "row_ops.h"
@@ -30,6 +35,35 @@ namespace mvit2 {
 namespace {
 
 constexpr int kChannelGroup = 4;
+// x per block of rows: half of a core's L2, so that the second pass finds the block there.
+constexpr int64_t kBlockBytes = int64_t{512} << 10;
+
+// f(std::integral_constant<int, G>, d) for the channel groups [d, d + G) of D: G = 4, then 1.
+template <typename F>
+inline void for_channel_groups(int64_t D, const F& f) {
+  int64_t d = 0;
+  for (; d + kChannelGroup <= D; d += kChannelGroup) {
+    f(std::integral_constant<int, kChannelGroup>{}, d);
+  }
+  for (; d < D; ++d) f(std::integral_constant<int, 1>{}, d);
+}
+
+template <typename scalar_t>
+inline int64_t block_rows(int64_t D, int64_t N) {
+  return std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, D * N * sizeof(scalar_t)));
+}
+
+// f(row, rows) for the blocks of [begin, end): consecutive rows of one batch, at most block_rows.
+template <typename scalar_t, typename F>
+inline void for_row_blocks(int64_t begin, int64_t end, int64_t D, int64_t P, int64_t N,
+                           const F& f) {
+  const int64_t max_rows = block_rows<scalar_t>(D, N);
+  for (int64_t row = begin; row < end;) {
+    const int64_t rows = std::min({end - row, P - row % P, max_rows});
+    f(row, rows);
+    row += rows;
+  }
+}
 
 // out[n] += Σ_{g < G} w[g] x[g, n]: a weighted sum of G channels of a row (scores, ds).
 template <int G, typename scalar_t>
@@ -46,16 +80,19 @@ inline void accumulate_channels(const scalar_t* x, int64_t ld, const at::opmath_
   });
 }
 
-// out[n] = Σ_d w[d] x[d, n] over a row's D channels; 0 when D = 0.
+// out[i, n] = Σ_d w[i, d] x[i, d, n] for the rows i of a block: row i of x at + i * N, of w at
+// + i * w_stride (0: one w for every row), of out at + i * N. 0 when D = 0.
 template <typename scalar_t>
 void weighted_channel_sum(const scalar_t* x, int64_t ld, const at::opmath_type<scalar_t>* w,
-                          int64_t D, int64_t N, at::opmath_type<scalar_t>* out) {
-  std::fill(out, out + N, at::opmath_type<scalar_t>(0));
-  int64_t d = 0;
-  for (; d + kChannelGroup <= D; d += kChannelGroup) {
-    accumulate_channels<kChannelGroup>(x + d * ld, ld, w + d, N, out);
-  }
-  for (; d < D; ++d) accumulate_channels<1>(x + d * ld, ld, w + d, N, out);
+                          int64_t w_stride, int64_t D, int64_t N, int64_t rows,
+                          at::opmath_type<scalar_t>* out) {
+  std::fill(out, out + rows * N, at::opmath_type<scalar_t>(0));
+  for_channel_groups(D, [&](auto group, int64_t d) {
+    constexpr int G = decltype(group)::value;
+    for (int64_t i = 0; i < rows; ++i) {
+      accumulate_channels<G>(x + d * ld + i * N, ld, w + i * w_stride + d, N, out + i * N);
+    }
+  });
 }
 
 // out[g * out_stride] = Σ_n v[n] x[g, n] for G channels (x̄).
@@ -101,10 +138,9 @@ inline void dx_channels(const scalar_t* x, scalar_t* dx, int64_t ld,
   for (int g = 0; g < G; ++g) dw[g] = vec_sum<acc_t>(acc[g]);
 }
 
-// Column (b, :, p) of a contiguous [B, D, P] accumulator tensor, gathered into out[D].
+// A column of a contiguous [B, D, P] accumulator tensor (d at stride P), into out[D].
 template <typename acc_t>
-inline void gather_column(const acc_t* t, int64_t b, int64_t p, int64_t D, int64_t P, acc_t* out) {
-  const acc_t* col = t + b * D * P + p;
+inline void gather_column(const acc_t* col, int64_t D, int64_t P, acc_t* out) {
   for (int64_t d = 0; d < D; ++d) out[d] = col[d * P];
 }
 
@@ -121,20 +157,21 @@ void separable_layer_context_forward_kernel(const at::Tensor& x, const at::Tenso
 
   at::parallel_for(0, B * P, task_grain(D * N), [&](int64_t begin, int64_t end) {
     acc_vector<scalar_t> w(w_ptr, w_ptr + D);
-    for (int64_t row = begin; row < end; ++row) {
+    for_row_blocks<scalar_t>(begin, end, D, P, N, [&](int64_t row, int64_t rows) {
       const int64_t b = row / P, p = row % P;
-      const scalar_t* xr = x_ptr + b * D * ld + p * N;
-      acc_t* sr = s_ptr + row * N;
+      const scalar_t* xr = x_ptr + b * D * ld + p * N;  // row i of the block at + i * N
+      acc_t* sr = s_ptr + row * N;                      // likewise
       // Scores, raw, into s (the softmax needs the whole row), then normalised in place.
-      weighted_channel_sum(xr, ld, w.data(), D, N, sr);
-      softmax_row<acc_t>(sr, N, sr);
-      acc_t* xbar_col = xbar_ptr + b * D * P + p;
-      int64_t d = 0;
-      for (; d + kChannelGroup <= D; d += kChannelGroup) {
-        dot_channels<kChannelGroup>(xr + d * ld, ld, sr, N, xbar_col + d * P, P);
-      }
-      for (; d < D; ++d) dot_channels<1>(xr + d * ld, ld, sr, N, xbar_col + d * P, P);
-    }
+      weighted_channel_sum(xr, ld, w.data(), 0, D, N, rows, sr);
+      for (int64_t i = 0; i < rows; ++i) softmax_row<acc_t>(sr + i * N, N, sr + i * N);
+      acc_t* xbar_col = xbar_ptr + b * D * P + p;  // row i at + i
+      for_channel_groups(D, [&](auto group, int64_t d) {
+        constexpr int G = decltype(group)::value;
+        for (int64_t i = 0; i < rows; ++i) {
+          dot_channels<G>(xr + d * ld + i * N, ld, sr + i * N, N, xbar_col + d * P + i, P);
+        }
+      });
+    });
   });
 }
 
@@ -146,7 +183,7 @@ void separable_layer_context_backward_kernel(const at::Tensor& grad_xbar, const 
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t B = x.size(0), D = x.size(1), P = x.size(2), N = x.size(3);
-  const int64_t ld = P * N, rows = B * P;
+  const int64_t ld = P * N, all_rows = B * P;
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* w_ptr = w_q.const_data_ptr<scalar_t>();
   const acc_t* gx_ptr = grad_xbar.const_data_ptr<acc_t>();
@@ -155,43 +192,47 @@ void separable_layer_context_backward_kernel(const at::Tensor& grad_xbar, const 
   scalar_t* dx_ptr = dx.mutable_data_ptr<scalar_t>();  // contiguous like x
   const bool stream = dx.nbytes() >= kStreamingStoreBytes;
   // The rows' partial dw_q, [rows, D]; each task writes its whole row (no initialisation).
-  std::unique_ptr<acc_t[]> dw_rows(new acc_t[rows * D]);
+  std::unique_ptr<acc_t[]> dw_rows(new acc_t[all_rows * D]);
 
-  at::parallel_for(0, rows, task_grain(D * N), [&](int64_t begin, int64_t end) {
-    acc_vector<scalar_t> w(w_ptr, w_ptr + D), gx(D), dq(N);
-    for (int64_t row = begin; row < end; ++row) {
+  at::parallel_for(0, all_rows, task_grain(D * N), [&](int64_t begin, int64_t end) {
+    const int64_t max_rows = block_rows<scalar_t>(D, N);
+    acc_vector<scalar_t> w(w_ptr, w_ptr + D), gx(max_rows * D), dq(max_rows * N);
+    for_row_blocks<scalar_t>(begin, end, D, P, N, [&](int64_t row, int64_t rows) {
       const int64_t b = row / P, p = row % P;
-      const int64_t off = b * D * ld + p * N;  // of channel 0 of the row, in x and dx
+      const int64_t off = b * D * ld + p * N;  // of channel 0 of the block's row 0, in x and dx
       const acc_t* sr = s_ptr + row * N;
-      gather_column(gx_ptr, b, p, D, P, gx.data());
-      // Σ_n s[n] ds[n] = dx̄ · x̄: the softmax backward's dot product without a pass over x.
-      const acc_t* xbar_col = xbar_ptr + b * D * P + p;
-      acc_t dot = 0;
-      for (int64_t d = 0; d < D; ++d) dot += gx[d] * xbar_col[d * P];
-      // ds = Σ_d dx̄[d] x[d, :] into dq, then dq = s (ds - dx̄ · x̄).
-      weighted_channel_sum(x_ptr + off, ld, gx.data(), D, N, dq.data());
-      const Vec vdot(dot);
-      at::vec::map2([&](Vec sn, Vec dsn) { return sn * (dsn - vdot); }, dq.data(), sr,
-                    dq.data(), N);
-      acc_t* dw = dw_rows.get() + row * D;
-      int64_t d = 0;
-      for (; d + kChannelGroup <= D; d += kChannelGroup) {
-        dx_channels<kChannelGroup>(x_ptr + off + d * ld, dx_ptr + off + d * ld, ld, &gx[d], &w[d],
-                                   sr, dq.data(), N, stream, dw + d);
+      for (int64_t i = 0; i < rows; ++i) {
+        gather_column(gx_ptr + b * D * P + p + i, D, P, &gx[i * D]);
       }
-      for (; d < D; ++d) {
-        dx_channels<1>(x_ptr + off + d * ld, dx_ptr + off + d * ld, ld, &gx[d], &w[d], sr,
-                       dq.data(), N, stream, dw + d);
+      // ds = Σ_d dx̄[d] x[d, :] into dq, then dq = s (ds - dx̄ · x̄), where
+      // Σ_n s[n] ds[n] = dx̄ · x̄ is the softmax backward's dot product without a pass over x.
+      weighted_channel_sum(x_ptr + off, ld, gx.data(), D, D, N, rows, dq.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc_t* xbar_col = xbar_ptr + b * D * P + p + i;
+        acc_t dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += gx[i * D + d] * xbar_col[d * P];
+        const Vec vdot(dot);
+        at::vec::map2([&](Vec sn, Vec dsn) { return sn * (dsn - vdot); }, &dq[i * N], sr + i * N,
+                      &dq[i * N], N);
       }
-    }
+      acc_t* dw = dw_rows.get() + row * D;  // row i at + i * D
+      for_channel_groups(D, [&](auto group, int64_t d) {
+        constexpr int G = decltype(group)::value;
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t o = off + d * ld + i * N;
+          dx_channels<G>(x_ptr + o, dx_ptr + o, ld, &gx[i * D + d], &w[d], sr + i * N,
+                         &dq[i * N], N, stream, dw + i * D + d);
+        }
+      });
+    });
     fence_streaming_stores();
   });
 
   // dw_q[d] = Σ_rows dw_rows[row, d], rows in order: the same sum whatever the thread count.
   acc_t* dwq = dw_q.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, D, task_grain(rows), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, D, task_grain(all_rows), [&](int64_t begin, int64_t end) {
     std::copy(dw_rows.get() + begin, dw_rows.get() + end, dwq + begin);
-    for (int64_t row = 1; row < rows; ++row) {
+    for (int64_t row = 1; row < all_rows; ++row) {
       at::vec::map2([](Vec a, Vec b) { return a + b; }, dwq + begin, dwq + begin,
                     dw_rows.get() + row * D + begin, end - begin);
     }
