@@ -23,24 +23,22 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #include "../additive_attention_checks.h"
+#include "common.cuh"
 
 namespace mvit2 {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr const char* kOp = "additive_attention";
 constexpr int kDTile = 512;  // features per block: at most 16 per lane
 // (b, chunk) blocks wanted when B is small (~4 per SM of a 132-SM H100), and tokens per chunk
 // at least (4 rows per warp).
 constexpr int64_t kMinBlocks = 512;
 constexpr int64_t kMinTokens = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // A [B, N, D] tensor: data and the element strides of b and n; d has unit stride.
 template <typename T>
@@ -73,20 +71,11 @@ Chunks chunks_of(int64_t B, int64_t N) {
 
 __device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
 // max(x, eps) that keeps NaN, as torch's clamp_min (fmaxf would drop it).
 template <typename acc_t>
 __device__ __forceinline__ acc_t clamp_eps(acc_t x) {
   return x < acc_t(kAdditiveEps) ? acc_t(kAdditiveEps) : x;
-}
-
-// Butterfly sum over the warp: every lane gets the same bits.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t x) {
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFullMask, x, off);
-  return x;
 }
 
 template <typename scalar_t>
@@ -171,8 +160,8 @@ __global__ void __launch_bounds__(kThreads)
       ss += xv * xv;
       xw += xv * ld(a.w + d * a.w_s);
     }
-    const acc_t inv = acc_t(1) / clamp_eps(sqrt_acc(warp_sum(ss)));
-    const acc_t av = warp_sum(xw) * inv * scale;
+    const acc_t inv = acc_t(1) / clamp_eps(sqrt_acc(group_sum(ss, 32)));
+    const acc_t av = group_sum(xw, 32) * inv * scale;
     // softmax over a size-1 axis is exp(a - a): 1, or NaN where a is not finite.
     const acc_t weight = a.softmax ? exp_acc(av - av) : av;
     ss_a += av * av;
@@ -221,7 +210,7 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* x = a.k.row(bt.b, n);
     acc_t ss = 0;
     for (int64_t d = bt.lane; d < a.D; d += 32) ss += ld(x + d) * ld(x + d);
-    const acc_t inv = acc_t(1) / clamp_eps(sqrt_acc(warp_sum(ss)));
+    const acc_t inv = acc_t(1) / clamp_eps(sqrt_acc(group_sum(ss, 32)));
     scalar_t* y = a.out_or_dk.row(bt.b, n);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
@@ -247,8 +236,8 @@ __global__ void __launch_bounds__(kThreads)
       ss += xv * xv;
       t += xv * ld(go + d) * G[d];
     }
-    const acc_t norm = sqrt_acc(warp_sum(ss)), inv = acc_t(1) / clamp_eps(norm);
-    t = warp_sum(t);
+    const acc_t norm = sqrt_acc(group_sum(ss, 32)), inv = acc_t(1) / clamp_eps(norm);
+    t = group_sum(t, 32);
     scalar_t* y = a.out_or_dk.row(bt.b, n);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
@@ -276,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
     dg[b * D + d] = s;
     dot += s * g[b * D + d];
   }
-  dot = warp_sum(dot);
+  dot = group_sum(dot, 32);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = dot;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -306,8 +295,8 @@ __global__ void __launch_bounds__(kThreads)
       xw += xv * ld(a.w + d * a.w_s);
       xdg += xv * dG[d];
     }
-    const acc_t norm = sqrt_acc(warp_sum(ss)), inv = acc_t(1) / clamp_eps(norm);
-    const acc_t av = warp_sum(xw) * inv * scale, dalpha = warp_sum(xdg) * inv;
+    const acc_t norm = sqrt_acc(group_sum(ss, 32)), inv = acc_t(1) / clamp_eps(norm);
+    const acc_t av = group_sum(xw, 32) * inv * scale, dalpha = group_sum(xdg, 32) * inv;
     acc_t alpha, da;
     if (a.softmax) {  // softmax's backward on a size-1 axis: 0 for every finite weight
       alpha = exp_acc(av - av);
@@ -321,7 +310,7 @@ __global__ void __launch_bounds__(kThreads)
     const auto dqn = [&](int64_t d) { return ld(gq + d) + alpha * dG[d] + das * ld(a.w + d * a.w_s); };
     acc_t t = 0;  // q . dqn
     for (int64_t d = bt.lane; d < a.D; d += 32) t += ld(x + d) * dqn(d);
-    t = warp_sum(t);
+    t = group_sum(t, 32);
     scalar_t* y = a.qn_or_dq.row(bt.b, n);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
@@ -363,12 +352,6 @@ void with_values_per_lane(int64_t D, const F& f) {
   }
 }
 
-int grid_size(int64_t blocks) {
-  TORCH_CHECK(blocks <= INT_MAX, "additive_attention (CUDA): ", blocks,
-              " blocks exceed the grid limit; split the batch");
-  return static_cast<int>(blocks);
-}
-
 template <typename scalar_t>
 Args<scalar_t> base_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w_g,
                          bool softmax) {
@@ -397,12 +380,12 @@ void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   a.qn_or_dq = rows_of<scalar_t>(qn);
   a.out_or_dk = rows_of<scalar_t>(out);
   a.g = g.const_data_ptr<acc_t>();
-  const dim3 grid(grid_size(tasks), static_cast<unsigned>((a.D + kDTile - 1) / kDTile));
+  const dim3 grid(grid_size(tasks, kOp), static_cast<unsigned>((a.D + kDTile - 1) / kDTile));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_values_per_lane(a.D, [&](auto v) {
     additive_attention_forward_kernel<scalar_t, decltype(v)::value><<<grid, kThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    additive_attention_forward_reduce_kernel<acc_t><<<grid_size(B), kThreads, 0, stream>>>(
+    additive_attention_forward_reduce_kernel<acc_t><<<grid_size(B, kOp), kThreads, 0, stream>>>(
         a.part, a.scalar_part, g.mutable_data_ptr<acc_t>(), a_norm.mutable_data_ptr<acc_t>(), a.D,
         a.c.count, softmax);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -433,13 +416,13 @@ void launch_backward(const at::Tensor& go, const at::Tensor& gq, const at::Tenso
   a.a_norm = a_norm.const_data_ptr<acc_t>();
   a.dg = dg;
   a.dgg = dgg;
-  const dim3 grid(grid_size(tasks), static_cast<unsigned>((a.D + kDTile - 1) / kDTile));
+  const dim3 grid(grid_size(tasks, kOp), static_cast<unsigned>((a.D + kDTile - 1) / kDTile));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_values_per_lane(a.D, [&](auto v) {
     additive_attention_backward_kernel<scalar_t, decltype(v)::value>
         <<<grid, kThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    additive_attention_backward_reduce_kernel<acc_t><<<grid_size(B), kThreads, 0, stream>>>(
+    additive_attention_backward_reduce_kernel<acc_t><<<grid_size(B, kOp), kThreads, 0, stream>>>(
         a.part, a.g, dg, dgg, a.D, a.c.count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     additive_attention_backward_dq_kernel<scalar_t, decltype(v)::value>
@@ -447,7 +430,7 @@ void launch_backward(const at::Tensor& go, const at::Tensor& gq, const at::Tenso
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   additive_attention_backward_dw_kernel<scalar_t>
-      <<<grid_size((a.D + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      <<<grid_size((a.D + kThreads - 1) / kThreads, kOp), kThreads, 0, stream>>>(
           a.part, dw.mutable_data_ptr<scalar_t>(), a.D, tasks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

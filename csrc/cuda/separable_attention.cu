@@ -12,20 +12,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <climits>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <initializer_list>
 #include <type_traits>
 
 #include "../checks.h"
+#include "common.cuh"
 
 namespace mvit2 {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr const char* kOp = "separable_attention";
 // ≤ 80 registers, so that 3 blocks (768 threads) share an SM and keep ~48 KiB of loads in flight;
 // float64 (gradcheck, not speed) gets 128 rather than spill.
 template <typename scalar_t>
@@ -38,7 +34,6 @@ constexpr int64_t kMaxChannelTile = 1024;
 constexpr int64_t kMinBlocks = 512;
 // Bytes of each streamed tensor per block: at B=256 the grid then has several waves.
 constexpr int64_t kTileBytes = 16 * 1024;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // One tensor indexed [b, c, p, n]: data and the element strides of dims 0..2; n has unit stride.
 template <typename T>
@@ -67,8 +62,7 @@ struct Tiling {
 };
 
 Tiling tiling(int64_t rows, int64_t C, int64_t N, int W, int64_t elem_size) {
-  int group = 1;
-  while (group < 32 && group < N / W) group *= 2;
+  const int group = lanes_per_row(N, W);
   const int64_t groups = kThreads / group;
   if (C == 0) return {1, 1, group};  // one empty tile per row still writes dq = s * 0
   const int64_t want_tiles = (kMinBlocks + rows - 1) / rows;
@@ -79,89 +73,6 @@ Tiling tiling(int64_t rows, int64_t C, int64_t N, int W, int64_t elem_size) {
   const int64_t per = std::max<int64_t>(1, std::min({fill, budget, C, kMaxChannelTile}));
   const int64_t tiles = (C + per - 1) / per;
   return {tiles, (C + tiles - 1) / tiles, group};
-}
-
-template <typename scalar_t, int W>
-struct alignas(sizeof(scalar_t) * W) Pack {
-  scalar_t v[W];
-};
-
-// A Pack moves as one unsigned integer (vector) of its size, through the __ldg/__stwb intrinsics:
-// plain copies of c10::Half/BFloat16 members get split into 2-byte accesses. The inputs are
-// read-only for the kernel's life, so loads take the non-coherent path (ld.global.nc).
-template <int Bytes>
-struct RawOf;
-template <>
-struct RawOf<2> { using type = unsigned short; };
-template <>
-struct RawOf<4> { using type = unsigned; };
-template <>
-struct RawOf<8> { using type = uint2; };
-template <>
-struct RawOf<16> { using type = uint4; };
-
-template <typename scalar_t, int W>
-__device__ __forceinline__ Pack<scalar_t, W> load_pack(const scalar_t* p) {
-  using Raw = typename RawOf<sizeof(Pack<scalar_t, W>)>::type;
-  const Raw raw = __ldg(reinterpret_cast<const Raw*>(p));
-  Pack<scalar_t, W> out;
-  memcpy(&out, &raw, sizeof(out));
-  return out;
-}
-
-template <typename scalar_t, int W>
-__device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t, W>& x) {
-  using Raw = typename RawOf<sizeof(Pack<scalar_t, W>)>::type;
-  Raw raw;
-  memcpy(&raw, &x, sizeof(raw));
-  __stwb(reinterpret_cast<Raw*>(p), raw);  // a plain store of raw may still be split
-}
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-
-// torch.relu and torch.max propagate NaN; fmaxf would drop it.
-template <typename acc_t>
-__device__ __forceinline__ acc_t relu(acc_t x) {
-  return (x > acc_t(0) || x != x) ? x : acc_t(0);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t max_nan(acc_t a, acc_t b) {
-  return (a > b || a != a) ? a : b;
-}
-
-// Sum over an aligned group of `group` lanes; every lane gets the same bits (+ commutes). All
-// 32 lanes of the warp must call it.
-template <typename acc_t>
-__device__ __forceinline__ acc_t group_sum(acc_t x, int group) {
-  for (int off = group >> 1; off > 0; off >>= 1) x += __shfl_xor_sync(kFullMask, x, off);
-  return x;
-}
-
-// Block-wide reduction in a fixed order; every thread gets the result. red: kWarps values.
-template <typename acc_t, typename Op>
-__device__ acc_t block_reduce(acc_t x, Op op, acc_t* red) {
-  for (int off = 16; off > 0; off >>= 1) x = op(x, __shfl_xor_sync(kFullMask, x, off));
-  __syncthreads();  // an earlier reduction may still be reading red
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
-  __syncthreads();
-  x = red[0];
-  for (int w = 1; w < kWarps; ++w) x = op(x, red[w]);
-  return x;
-}
-
-// Max and 1 / Σ exp(q - max) of a q row, as the CPU's softmax_row: s[n] = exp(q[n] - mx) * inv.
-template <typename scalar_t, typename acc_t>
-__device__ void softmax_stats(const scalar_t* q, int64_t N, acc_t* red, acc_t& mx, acc_t& inv) {
-  acc_t m = -INFINITY;
-  for (int64_t n = threadIdx.x; n < N; n += kThreads) m = max_nan(static_cast<acc_t>(q[n]), m);
-  m = block_reduce(m, [](acc_t a, acc_t b) { return max_nan(a, b); }, red);
-  acc_t sum = 0;
-  for (int64_t n = threadIdx.x; n < N; n += kThreads) sum += exp_acc(static_cast<acc_t>(q[n]) - m);
-  sum = block_reduce(sum, [](acc_t a, acc_t b) { return a + b; }, red);
-  mx = m;
-  inv = acc_t(1) / sum;
 }
 
 // Where a block works: row (b, p), channels [c0, c0 + cn). Lane group `grp` owns the tile's
@@ -435,38 +346,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// W-element vectors need every row start aligned: the base pointer and the strides of dims 0..2
-// (those of size > 1) multiples of W elements, and N a multiple of W (no tail).
-bool vectorizable(int W, int64_t elem_size, int64_t N,
-                  std::initializer_list<const at::Tensor*> ts) {
-  if (N % W != 0) return false;
-  for (const at::Tensor* t : ts) {
-    if (reinterpret_cast<std::uintptr_t>(t->const_data_ptr()) % (W * elem_size) != 0) return false;
-    for (int d = 0; d < 3; ++d)
-      if (t->size(d) > 1 && t->stride(d) % W != 0) return false;
-  }
-  return true;
-}
-
-// Calls f(std::integral_constant<int, W>) with the widest W (16 bytes, 8, 4, ... 1 element)
-// the tensors allow: N = 36 in bf16 still gets 8-byte loads.
-template <typename scalar_t, int W = 16 / sizeof(scalar_t), typename F>
-void with_vector_width(int64_t N, std::initializer_list<const at::Tensor*> ts, const F& f) {
-  if constexpr (W == 1) {
-    f(std::integral_constant<int, 1>{});
-  } else if (vectorizable(W, sizeof(scalar_t), N, ts)) {
-    f(std::integral_constant<int, W>{});
-  } else {
-    with_vector_width<scalar_t, W / 2>(N, ts, f);
-  }
-}
-
-int grid_size(int64_t blocks) {
-  TORCH_CHECK(blocks <= INT_MAX, "separable_attention (CUDA): ", blocks,
-              " blocks exceed the grid limit; split the batch");
-  return static_cast<int>(blocks);
-}
-
 template <typename scalar_t, int W>
 void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& y,
                     at::Tensor& ctx) {
@@ -477,7 +356,7 @@ void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                                 rows_of<acc_t>(ctx), C, P, N,
                                 tiling(B * P, C, N, W, sizeof(scalar_t))};
   separable_attention_forward_kernel<scalar_t, W>
-      <<<grid_size(B * P * a.t.tiles), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+      <<<grid_size(B * P * a.t.tiles, kOp), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -499,13 +378,13 @@ void launch_backward(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
       rows_of<const scalar_t>(v), rows_of<const acc_t>(ctx), rows_of<scalar_t>(dk),
       rows_of<scalar_t>(dv), ds_part, dot_part, stats, C, P, N, t};
   separable_attention_backward_kernel<scalar_t, W>
-      <<<grid_size(rows * t.tiles), kThreads, 0, stream>>>(a);
+      <<<grid_size(rows * t.tiles, kOp), kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const DqArgs<scalar_t> d{rows_of<const scalar_t>(q), rows_of<scalar_t>(dq), ds_part, dot_part,
                            stats, rows, P, N, t.tiles};
   const int64_t dq_blocks = std::min<int64_t>((rows * N + kThreads - 1) / kThreads, 1 << 20);
   separable_attention_backward_dq_kernel<scalar_t>
-      <<<grid_size(dq_blocks), kThreads, 0, stream>>>(d);
+      <<<grid_size(dq_blocks, kOp), kThreads, 0, stream>>>(d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
