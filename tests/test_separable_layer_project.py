@@ -6,6 +6,10 @@ import pytest
 import torch
 
 from mvit2_kernels import backends
+from mvit2_kernels.reference import (
+    separable_layer_epilogue_backward_reference,
+    separable_layer_epilogue_forward_reference,
+)
 
 pytestmark = pytest.mark.skipif(not backends.compiled_cpu(), reason="C++ extension not built")
 
@@ -58,11 +62,12 @@ def project_inputs(shape, dtype, bias=True, seed=0):
 
 
 def forward_reference(x, w_v, b_v, ctx, w_out, b_out):
-    """``(out, v, y)`` in float64: v = W_v x + b_v, y = relu(v) * ctx, out = W_out y + b_out."""
+    """``(out, v, y)`` in float64: v = W_v x + b_v, y = relu(v) * ctx (the epilogue's contract),
+    out = W_out y + b_out."""
     v = torch.einsum("cd,bdpn->bcpn", w_v.double(), x.double())
     if b_v is not None:
         v = v + b_v.double()[:, None, None]
-    y = torch.relu(v) * ctx.double()[..., None]
+    y = separable_layer_epilogue_forward_reference(v, ctx.double())
     out = torch.einsum("oc,bcpn->bopn", w_out.double(), y)
     if b_out is not None:
         out = out + b_out.double()[:, None, None]
@@ -70,12 +75,10 @@ def forward_reference(x, w_v, b_v, ctx, w_out, b_out):
 
 
 def backward_reference(grad_out, v, ctx, w_out):
-    """``(dv, dctx)`` in float64: dy = W_out^T grad_out, then relu's and the ctx product's
-    backward (``v <= 0`` gives 0: a NaN v passes the gradient)."""
+    """``(dv, dctx)`` in float64: dy = W_out^T grad_out, then the epilogue's backward contract
+    (``v <= 0`` gives 0: a NaN v passes the gradient)."""
     dy = torch.einsum("oc,bopn->bcpn", w_out.double(), grad_out.double())
-    vf = v.double()
-    dv = torch.where(vf <= 0, 0.0, dy * ctx.double()[..., None])
-    return dv, (dy * torch.relu(vf)).sum(dim=-1)
+    return separable_layer_epilogue_backward_reference(dy, v.double(), ctx.double())
 
 
 def assert_matches(actual, expected, dtype):
