@@ -149,6 +149,20 @@ def test_layer_impls_share_parameters_and_compute_the_same_layer():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_layer_module_takes_the_dtype_and_values_of_its_parameters(impl):
+    import torch
+
+    from mvit2_kernels import SeparableAttention
+
+    state = {k: v.to(torch.bfloat16) for k, v in SeparableAttention(8).state_dict().items()}
+    module = layer.layer_module(impl, state, 8, BACKEND, training=False)
+    got = getattr(module, "_orig_mod", module).state_dict()  # compiled lazily: nothing runs
+    assert got.keys() == state.keys()
+    for name, value in got.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, state[name]), name
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [

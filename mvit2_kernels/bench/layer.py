@@ -105,7 +105,8 @@ def layer_module(
     graph rather than hitting the recompile limit and silently falling back to eager.
     """
     fused, compiled = _MODULES[impl]
-    module = SeparableAttention(dim, fused=fused, backend=backend)
+    like = next(iter(state.values()))  # load_state_dict copies into the module's own dtype
+    module = SeparableAttention(dim, fused=fused, backend=backend).to(like.device, like.dtype)
     module.load_state_dict(state)
     module.train(training)
     if compiled:
