@@ -85,11 +85,13 @@ def _op(name: str, direction: str, backend: str):
     """The ``forward`` or ``backward`` op of ``name`` on a backend: the Triton module's
     (imported lazily: it imports triton), or the C++ op behind ``torch.ops.mvit2``."""
     if backend == "triton":
-        from .triton import additive_attention, separable_attention
+        from .triton import additive_attention, separable_attention, separable_layer
 
         module = {
             "separable_attention": separable_attention,
             "additive_attention": additive_attention,
+            "separable_layer_context": separable_layer,
+            "separable_layer_epilogue": separable_layer,
         }[name]
         return getattr(module, f"{name}_{direction}")
     return getattr(torch.ops.mvit2, f"{name}_{direction}")

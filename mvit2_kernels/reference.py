@@ -94,8 +94,14 @@ def separable_layer_reference(
         ``Tensor[B, D_out, P, N]``: ``out_proj(relu(v) * sum_n softmax_N(q) * k)``.
     """
     C = (qkv_weight.shape[0] - 1) // 2
-    q, k, v = F.conv2d(x, qkv_weight, qkv_bias).split([1, C, C], dim=1)
-    return F.conv2d(separable_attention_reference(q, k, v), out_weight, out_bias)
+    q, k, v = _conv1x1(x, qkv_weight, qkv_bias).split([1, C, C], dim=1)
+    return _conv1x1(separable_attention_reference(q, k, v), out_weight, out_bias)
+
+
+def _conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.conv2d`` with a 1×1 kernel, written out so that empty P or N work too."""
+    out = torch.einsum("oi,bipn->bopn", weight.flatten(1), x)
+    return out if bias is None else out + bias[:, None, None]
 
 
 def separable_layer_context_forward_reference(x: Tensor, w_q: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,7 +119,7 @@ def separable_layer_context_forward_reference(x: Tensor, w_q: Tensor) -> tuple[T
     acc = _acc_dtype(x.dtype)
     xf = x.to(acc)
     s = torch.softmax(torch.einsum("d,bdpn->bpn", w_q.to(acc), xf), dim=-1)
-    return s, torch.einsum("bpn,bdpn->bdp", s, xf)
+    return s, torch.einsum("bpn,bdpn->bdp", s, xf).contiguous()
 
 
 def separable_layer_context_backward_reference(
