@@ -1,0 +1,226 @@
+"""The whole MobileViTv2 attention layer, fused: the keys are never materialised.
+
+Since the softmax weights ``s`` sum to 1 and ``k = W_k x + b_k``, the context vector is
+``ctx = W_k x̄ + b_k`` with ``x̄ = sum_n s[n] x[:, n]`` (DESIGN §1, "A layer-level identity";
+``docs/layer_fusion.md`` derives the backward). The layer becomes:
+
+    s, x̄ = context(x, w_q)              one pass over x (kernel)
+    ctx   = W_k x̄ + b_k                  a GEMM of B·P columns
+    y     = relu(W_v x + b_v) * ctx       GEMM + epilogue (kernel)
+    out   = W_o y + b_o                   GEMM
+
+The [B, C, P, N] keys and a third of the qkv projection disappear. On CPU the two projections
+and the epilogue run as one tiled kernel with our own GEMM (``separable_layer_project_*``; the
+library's fp32 GEMM reaches half of oneDNN's speed on NCHW data); on CUDA and in Triton the
+GEMMs are the library's (cuBLAS) around the context and epilogue kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .ops import _acc_dtype, _check_float_like, _NoDoubleBackward, _op
+from .reference import separable_layer_reference
+
+__all__ = ["separable_attention_layer"]
+
+
+def separable_attention_layer(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """MobileViTv2's attention layer ``out_proj(separable_attention(*qkv_proj(x).split(...)))``,
+    computed without the keys.
+
+    Args:
+        x: ``Tensor[B, D, P, N]`` unfolded patches.
+        qkv_weight: ``Tensor[1 + 2C, D, 1, 1]`` (``qkv_proj.weight``; ``[1 + 2C, D]`` too).
+        qkv_bias: ``Tensor[1 + 2C]`` or None.
+        out_weight: ``Tensor[D_out, C, 1, 1]`` (``out_proj.weight``; ``[D_out, C]`` too).
+        out_bias: ``Tensor[D_out]`` or None.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"`` (the
+            standard layer, by autograd).
+
+    Returns:
+        ``Tensor[B, D_out, P, N]`` in x's dtype; equal to the standard layer in real arithmetic
+        and within rounding in floating point (the keys' rounding is gone: fp16/bf16 layers are
+        slightly *more* accurate). Differentiable once in x and every parameter; the gradient
+        of q's bias is exactly 0 (softmax ignores a shift of every score).
+    """
+    w_qkv, w_out = _check_layer_inputs(x, qkv_weight, qkv_bias, out_weight, out_bias)
+    backend = backends.resolve_backend(backend, x.device)
+    if backend == "reference":
+        return separable_layer_reference(x, qkv_weight, qkv_bias, out_weight, out_bias)
+    x = x.contiguous()
+    tensors = (x, w_qkv, qkv_bias, w_out, out_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return SeparableLayerFunction.apply(*tensors, backend)
+    return _layer_forward(*tensors, backend, keep=False)[0]
+
+
+class SeparableLayerFunction(torch.autograd.Function):
+    """Autograd over the fused layer. Saves x and the weights (no copies), s and x̄ (B·P·(N + D)
+    values), ctx, and v and y (what the standard layer's convolutions save, less the keys)."""
+
+    @staticmethod
+    def forward(ctx, x, w_qkv, b_qkv, w_out, b_out, backend: str):
+        out, saved = _layer_forward(x, w_qkv, b_qkv, w_out, b_out, backend, keep=True)
+        ctx.save_for_backward(x, w_qkv, w_out, *saved)
+        ctx.backend, ctx.has_bias = backend, (b_qkv is not None, b_out is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, w_qkv, w_out, s, xbar, attn_ctx, v, y = ctx.saved_tensors
+        grads = _layer_backward(grad_out.contiguous(), x, w_qkv, w_out, s, xbar, attn_ctx, v, y,
+                                ctx.backend)
+        d_x, d_wqkv, d_bqkv, d_wout, d_bout = grads
+        if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
+            d_x, d_wqkv, d_wout = _NoDoubleBackward.apply(
+                "separable_attention_layer", grad_out, x, w_qkv, w_out, d_x, d_wqkv, d_wout)
+        d_bqkv = d_bqkv if ctx.has_bias[0] else None
+        d_bout = d_bout if ctx.has_bias[1] else None
+        return d_x, d_wqkv, d_bqkv, d_wout, d_bout, None
+
+
+def _layer_forward(x, w_qkv, b_qkv, w_out, b_out, backend: str, *, keep: bool):
+    """``out``, and what the backward needs when ``keep``: ``(s, x̄, ctx, v, y)``."""
+    C = (w_qkv.shape[0] - 1) // 2
+    w_q, w_k, w_v = w_qkv.split([1, C, C])
+    b_k, b_v = (None, None) if b_qkv is None else b_qkv[1:].split([C, C])
+    acc = _acc_dtype(x.dtype)
+
+    s, xbar = _op("separable_layer_context", "forward", backend)(x, w_q[0].contiguous())
+    # ctx = W_k x̄ + b_k for every (b, p): [C, D] @ [B, D, P] in the accumulation dtype.
+    attn_ctx = torch.matmul(w_k.to(acc), xbar)
+    if b_k is not None:
+        attn_ctx = attn_ctx + b_k.to(acc)[:, None]
+    if _project_fused(backend, x):
+        out, v, y = torch.ops.mvit2.separable_layer_project_forward(
+            x, w_v, b_v, attn_ctx, w_out, b_out, keep)
+    else:
+        v = _project(w_v, b_v, x)
+        y = _op("separable_layer_epilogue", "forward", backend)(v, attn_ctx)
+        out = _project(w_out, b_out, y)
+    return out, (s, xbar, attn_ctx, v, y)
+
+
+def _layer_backward(grad_out, x, w_qkv, w_out, s, xbar, attn_ctx, v, y, backend: str):
+    """``(dx, d qkv_weight, d qkv_bias, d out_weight, d out_bias)``; docs/layer_fusion.md."""
+    B, D, P, N = x.shape
+    C = (w_qkv.shape[0] - 1) // 2
+    w_q, w_k, w_v = w_qkv.split([1, C, C])
+    acc = _acc_dtype(x.dtype)
+    g3, x3 = grad_out.view(B, w_out.shape[0], P * N), x.view(B, D, P * N)
+
+    d_wout = torch.bmm(g3, y.view(B, C, P * N).transpose(1, 2)).sum(0, dtype=acc)
+    d_bout = g3.sum(dim=(0, 2), dtype=acc)
+    if _project_fused(backend, x):
+        dv, dctx = torch.ops.mvit2.separable_layer_project_backward(grad_out, v, attn_ctx, w_out)
+    else:
+        dy = torch.matmul(w_out.t(), g3).view(B, C, P, N)
+        dv, dctx = _op("separable_layer_epilogue", "backward", backend)(dy, v, attn_ctx)
+    dv3 = dv.view(B, C, P * N)
+    d_wv = torch.bmm(dv3, x3.transpose(1, 2)).sum(0, dtype=acc)
+    # ctx = W_k x̄ + b_k: dW_k = Σ_{b,p} dctx ⊗ x̄, dx̄ = W_k^T dctx.
+    d_wk = torch.bmm(dctx, xbar.transpose(1, 2)).sum(0)
+    dxbar = torch.matmul(w_k.t().to(acc), dctx)
+    dx, d_wq = _op("separable_layer_context", "backward", backend)(dxbar, x, w_q[0], s, xbar)
+    dx.view(B, D, P * N).baddbmm_(w_v.t().expand(B, D, C), dv3)  # + W_v^T dv, in place
+
+    d_wqkv = torch.cat([d_wq[None], d_wk, d_wv])
+    # q's bias shifts every score of a row alike, which the softmax ignores: its gradient is 0.
+    d_bqkv = torch.cat([d_wq.new_zeros(1), dctx.sum(dim=(0, 2)), dv3.sum(dim=(0, 2), dtype=acc)])
+    dt = w_qkv.dtype
+    return dx, d_wqkv.to(dt), d_bqkv.to(dt), d_wout.to(dt), d_bout.to(dt)
+
+
+def _project(w: Tensor, b: Tensor | None, x: Tensor) -> Tensor:
+    """A 1×1 convolution of contiguous ``x: [B, I, P, N]`` by ``w: [O, I]`` as a batched GEMM."""
+    B, D_in, P, N = x.shape
+    x3 = x.view(B, D_in, P * N)
+    w3 = w.expand(B, *w.shape)
+    out = torch.bmm(w3, x3) if b is None else torch.baddbmm(b[:, None], w3, x3)
+    return out.view(B, w.shape[0], P, N)
+
+
+def _project_fused(backend: str, x: Tensor) -> bool:
+    """Whether the projections run as our tiled CPU kernel (fp32/fp64: for fp16/bf16 the
+    library's GEMMs use the CPU's native half-precision instructions)."""
+    return backend == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def _check_layer_inputs(x, qkv_weight, qkv_bias, out_weight, out_bias) -> tuple[Tensor, Tensor]:
+    """DESIGN §5 for the layer; returns the weights as 2-D ``[1 + 2C, D]`` and ``[D_out, C]``."""
+    tensors = {"x": x, "qkv_weight": qkv_weight, "out_weight": out_weight}
+    if qkv_bias is not None:
+        tensors["qkv_bias"] = qkv_bias
+    if out_bias is not None:
+        tensors["out_bias"] = out_bias
+    _check_float_like(tensors, like="x")
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor [B, D, P, N], got shape {list(x.shape)}")
+    D = x.shape[1]
+    w_qkv = _as_matrix(qkv_weight, "qkv_weight", "[1 + 2C, D, 1, 1]")
+    w_out = _as_matrix(out_weight, "out_weight", "[D_out, C, 1, 1]")
+    rows = w_qkv.shape[0]
+    if rows % 2 == 0 or w_qkv.shape[1] != D:
+        raise ValueError(
+            f"qkv_weight must have shape [1 + 2C, D, 1, 1] with D = {D} (x's channels), "
+            f"got {list(qkv_weight.shape)}")
+    C = (rows - 1) // 2
+    if w_out.shape[1] != C:
+        raise ValueError(
+            f"out_weight must have shape [D_out, C, 1, 1] with C = {C} (from qkv_weight), "
+            f"got {list(out_weight.shape)}")
+    for name, b, n in (("qkv_bias", qkv_bias, rows), ("out_bias", out_bias, w_out.shape[0])):
+        if b is not None and tuple(b.shape) != (n,):
+            raise ValueError(f"{name} must have shape [{n}], got {list(b.shape)}")
+    return w_qkv, w_out
+
+
+def _as_matrix(w: Tensor, name: str, want: str) -> Tensor:
+    if w.dim() == 4 and w.shape[2:] == (1, 1):
+        w = w.flatten(1)
+    if w.dim() != 2:
+        raise ValueError(f"{name} must have shape {want} (a 1×1 convolution's weight), "
+                         f"got {list(w.shape)}")
+    return w.contiguous()
+
+
+if backends.compiled_cpu():
+
+    @torch.library.register_fake("mvit2::separable_layer_context_forward")
+    def _(x: Tensor, w_q: Tensor):
+        B, D, P, N = x.shape
+        acc = _acc_dtype(x.dtype)
+        return x.new_empty((B, P, N), dtype=acc), x.new_empty((B, D, P), dtype=acc)
+
+    @torch.library.register_fake("mvit2::separable_layer_context_backward")
+    def _(grad_xbar, x, w_q, s, xbar):
+        return x.new_empty(x.shape), x.new_empty(w_q.shape, dtype=_acc_dtype(x.dtype))
+
+    @torch.library.register_fake("mvit2::separable_layer_epilogue_forward")
+    def _(v: Tensor, ctx: Tensor):
+        return v.new_empty(v.shape)
+
+    @torch.library.register_fake("mvit2::separable_layer_epilogue_backward")
+    def _(grad_y, v, ctx):
+        return v.new_empty(v.shape), ctx.new_empty(ctx.shape)
+
+    @torch.library.register_fake("mvit2::separable_layer_project_forward")
+    def _(x, w_v, b_v, ctx, w_out, b_out, keep: bool):
+        B, _, P, N = x.shape
+        kept = (B, w_v.shape[0], P, N) if keep else (0,)
+        return x.new_empty((B, w_out.shape[0], P, N)), x.new_empty(kept), x.new_empty(kept)
+
+    @torch.library.register_fake("mvit2::separable_layer_project_backward")
+    def _(grad_out, v, ctx, w_out):
+        return v.new_empty(v.shape), ctx.new_empty(ctx.shape)
