@@ -2,7 +2,7 @@
 
 ``SeparableAttention`` is MobileViTv2's linear self-attention with the parameter layout of
 ml-cvnets, transformers and timm (``qkv_proj`` / ``out_proj`` 1×1 convolutions), so their
-checkpoints load unchanged; only the computation between the two projections is fused.
+checkpoints load unchanged; by default the whole layer is fused (the keys are never computed).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layer import separable_attention_layer
 from .ops import additive_attention, separable_attention
 from .reference import additive_attention_reference, separable_attention_reference
 
@@ -35,8 +36,14 @@ class SeparableAttention(nn.Module):
             it). With ``p > 0`` in training mode the module runs the reference, warning once.
         proj_dropout: dropout after ``out_proj`` (timm's ``proj_drop``; 0 in every release).
         bias: whether both projections have a bias.
-        fused: ``False`` runs :func:`~mvit2_kernels.reference.separable_attention_reference`.
-        backend: passed to :func:`mvit2_kernels.separable_attention` (``"auto"``, ``"cpu"``, ...).
+        fused: ``True`` (default) runs the whole layer fused, without ever materialising the
+            keys (:func:`~mvit2_kernels.separable_attention_layer`), whenever both projections
+            are plain 1×1 convolutions (else it runs as ``"kernel"``); ``"kernel"`` runs the
+            two projections as the modules they are around the fused op
+            :func:`~mvit2_kernels.separable_attention`; ``False`` runs the reference
+            :func:`~mvit2_kernels.reference.separable_attention_reference` between them.
+            The parameters and the state dict are the same in all three.
+        backend: passed to the fused functions (``"auto"``, ``"cpu"``, ...).
 
     Shape:
         ``x: Tensor[B, C, P, N]`` (P pixels per patch, N patches) -> ``Tensor[B, C, P, N]``.
@@ -49,12 +56,14 @@ class SeparableAttention(nn.Module):
         attn_dropout: float = 0.0,
         proj_dropout: float = 0.0,
         bias: bool = True,
-        fused: bool = True,
+        fused: bool | str = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
         if embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
+        if fused not in (True, False, "kernel"):
+            raise ValueError(f"fused must be True, 'kernel' or False, got {fused!r}")
         if not 0.0 <= attn_dropout < 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1), got {attn_dropout}")
         self.embed_dim = embed_dim
@@ -68,16 +77,28 @@ class SeparableAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: Tensor[B, C, P, N]`` -> ``Tensor[B, C, P, N]``."""
+        dropout = self.training and self.attn_dropout > 0
+        if self.fused is True and not dropout:
+            convs = _conv1x1(self.qkv_proj), _conv1x1(self.out_proj)
+            if None not in convs:
+                return self.proj_drop(self._fused_layer(x, *convs))
         qkv = self.qkv_proj(x)
         # Views into qkv, no copies: the kernels read strided q/k/v in place (DESIGN §3).
         q, k, v = qkv.split([1, self.embed_dim, self.embed_dim], dim=1)
-        if self.training and self.attn_dropout > 0:
+        if dropout:
             y = self._attend_with_dropout(q, k, v)
         elif self.fused:
             y = separable_attention(q, k, v, backend=self.backend)
         else:
             y = separable_attention_reference(q, k, v)
         return self.proj_drop(self.out_proj(y))
+
+    def _fused_layer(self, x: Tensor, qkv_conv: nn.Conv2d, out_conv: nn.Conv2d) -> Tensor:
+        weights = (qkv_conv.weight, qkv_conv.bias, out_conv.weight, out_conv.bias)
+        if torch.is_autocast_enabled(x.device.type):  # compute in the dtype the convs would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, *weights = (None if t is None else t.to(dtype) for t in (x, *weights))
+        return separable_attention_layer(x, *weights, backend=self.backend)
 
     def _attend_with_dropout(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         global _warned_dropout_fallback
@@ -95,6 +116,21 @@ class SeparableAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, attn_dropout={self.attn_dropout}, "
                 f"fused={self.fused}, backend={self.backend!r}")
+
+
+def _conv1x1(proj: nn.Module) -> nn.Conv2d | None:
+    """The plain 1×1 convolution that ``proj`` computes, or None when it computes something else.
+
+    Ours are ``nn.Conv2d``; transformers' (kept by ``fuse_``) wrap one in a
+    ``MobileViTV2ConvLayer`` without normalisation or activation. Anything else (a subclass, a
+    quantised or adapted projection) runs as the module it is, around the fused op."""
+    if type(proj).__name__ == "MobileViTV2ConvLayer":
+        if getattr(proj, "normalization", None) is not None or getattr(proj, "activation", None):
+            return None
+        proj = getattr(proj, "convolution", None)
+    plain = (type(proj) is nn.Conv2d and proj.kernel_size == (1, 1) and proj.stride == (1, 1)
+             and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1)
+    return proj if plain else None
 
 
 class EfficientAdditiveAttention(nn.Module):

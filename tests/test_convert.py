@@ -200,6 +200,21 @@ def test_fuse_swaps_transformers_attention_in_place_with_the_same_weights(hf_050
     assert rel_err(hf_logits(hf, x), expected) <= 1e-5
 
 
+def test_fuse_runs_the_whole_layer_on_transformers_projections(monkeypatch):
+    """transformers wraps each 1×1 conv in a MobileViTV2ConvLayer (no norm, no activation): the
+    swapped module still takes the layer path, reading the wrapped convolutions' weights."""
+    import mvit2_kernels.nn as mnn
+
+    hf = hf_classifier(0.5, num_labels=10)
+    fuse_(hf)
+    calls = []
+    real = mnn.separable_attention_layer
+    monkeypatch.setattr(mnn, "separable_attention_layer",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    hf_logits(hf, torch.randn(1, 3, 64, 64))
+    assert len(calls) == 9
+
+
 class LinearSelfAttention(nn.Module):
     """timm's MobileViTv2 attention (timm/models/mobilevit.py), the self-attention path."""
 

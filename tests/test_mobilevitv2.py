@@ -138,9 +138,11 @@ def test_fused_and_backend_reach_every_attention_module(factory):
     assert all(a.fused is False and a.backend == "reference" for a in attns)
 
 
-def test_fused_and_unfused_agree_forward_and_parameter_gradients():
+@pytest.mark.parametrize("fused_mode", [True, "kernel"])
+def test_fused_and_unfused_agree_forward_and_parameter_gradients(fused_mode):
     torch.manual_seed(0)
-    fused = mobilevitv2(0.5, num_classes=10)  # training mode: BatchNorm uses batch statistics
+    # training mode: BatchNorm uses batch statistics
+    fused = mobilevitv2(0.5, num_classes=10, fused=fused_mode)
     unfused = mobilevitv2(0.5, num_classes=10, fused=False)
     unfused.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, 64, 64)
@@ -155,6 +157,23 @@ def test_fused_and_unfused_agree_forward_and_parameter_gradients():
     for (name, a), b in zip(fused.named_parameters(), unfused.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * scale,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_bfloat16_fused_layer_model_is_as_accurate_as_the_reference_model():
+    """Whole-model parity in bf16, judged against the float32 model: the fused layer (no keys
+    to round) errs no more than the reference implementation does in bf16."""
+    torch.manual_seed(0)
+    exact = mobilevitv2(0.5, num_classes=10, fused=False).eval()
+    fused = mobilevitv2(0.5, num_classes=10).eval()
+    reference = mobilevitv2(0.5, num_classes=10, fused=False).eval()
+    fused.load_state_dict(exact.state_dict())
+    reference.load_state_dict(exact.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        target = exact(x)
+        err_fused = rel_err(fused.bfloat16()(x.bfloat16()).float(), target)
+        err_reference = rel_err(reference.bfloat16()(x.bfloat16()).float(), target)
+    assert err_fused <= 1.5 * err_reference + 1e-3
 
 
 def test_deeplabv3_fused_matches_unfused_and_upsamples_like_cvnets():

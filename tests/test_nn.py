@@ -42,12 +42,13 @@ def test_parameters_are_the_public_layout():
                                                                     "out_proj.weight"]
 
 
+@pytest.mark.parametrize("fused_mode", [True, "kernel"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fused_matches_public_layer_and_unfused(shape, backend):
+def test_fused_matches_public_layer_and_unfused(shape, backend, fused_mode):
     C = shape[1]
     device = device_of(backend)
-    fused = make(C, backend).to(device, torch.float64)
+    fused = make(C, backend, fused=fused_mode).to(device, torch.float64)
     unfused = make(C, fused=False).to(device, torch.float64)
     x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
     y = fused(x)
@@ -84,7 +85,7 @@ def test_q_k_v_are_views_of_one_projection_and_backend_is_passed(monkeypatch):
         return torch.relu(v) * (k * torch.softmax(q, -1)).sum(-1, keepdim=True)
 
     monkeypatch.setattr(mnn, "separable_attention", spy)
-    m = make(4, backend="reference")
+    m = make(4, backend="reference", fused="kernel")
     m(torch.randn(2, 4, 4, 6))
     assert seen["backend"] == "reference"
     storage = seen["q"].untyped_storage().data_ptr()
@@ -113,21 +114,57 @@ def test_attn_dropout_in_training_runs_the_reference_with_dropout_on_the_weights
 
 def test_attn_dropout_in_eval_mode_and_zero_dropout_in_training_are_fused(monkeypatch):
     calls = []
-    real = mnn.separable_attention
+    real = mnn.separable_attention_layer
 
-    def counting(q, k, v, *, backend):
+    def counting(*args, backend):
         calls.append(backend)
-        return real(q, k, v, backend=backend)
+        return real(*args, backend=backend)
 
-    monkeypatch.setattr(mnn, "separable_attention", counting)
+    monkeypatch.setattr(mnn, "separable_attention_layer", counting)
     x = torch.randn(1, 4, 4, 6)
     make(4, attn_dropout=0.1).eval()(x)
     make(4).train()(x)
     assert len(calls) == 2
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    m = make(8).eval()
+def test_fused_true_runs_the_layer_without_the_qkv_projection(monkeypatch):
+    m = make(4)
+    monkeypatch.setattr(m.qkv_proj, "forward", lambda x: pytest.fail("qkv_proj was called"))
+    y = m(torch.randn(2, 4, 4, 6))
+    assert y.shape == (2, 4, 4, 6)
+
+
+class ScaledConv(torch.nn.Conv2d):
+    """A projection that is not a plain 1×1 convolution (a subclass may compute anything)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_fused_true_runs_projections_that_are_not_plain_convs_as_modules(monkeypatch):
+    m = make(4)
+    scaled = ScaledConv(4, 9, 1)
+    scaled.load_state_dict(m.qkv_proj.state_dict())
+    m.qkv_proj = scaled
+    monkeypatch.setattr(mnn, "separable_attention_layer", lambda *a, **k: pytest.fail("layer"))
+    x = torch.randn(2, 4, 4, 6)
+    expected = make(4, fused=False)
+    expected.qkv_proj = scaled
+    torch.testing.assert_close(m(x), expected(x))
+
+
+def test_fused_modes_share_one_state_dict():
+    ref = make(4, fused=False)
+    for mode in (True, "kernel"):
+        m = make(4, seed=1, fused=mode)
+        m.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 4, 4, 6)
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused_mode", [True, "kernel"])
+def test_torch_compile_fullgraph_matches_eager(fused_mode):
+    m = make(8, fused=fused_mode).eval()
     x = torch.randn(2, 8, 4, 16)
     compiled = torch.compile(m, fullgraph=True)
     torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)
@@ -138,5 +175,7 @@ def test_bad_arguments():
         SeparableAttention(0)
     with pytest.raises(ValueError, match="attn_dropout"):
         SeparableAttention(4, attn_dropout=1.0)
+    with pytest.raises(ValueError, match="fused"):
+        SeparableAttention(4, fused="layer")
     with pytest.raises(ValueError, match="backend"):
         SeparableAttention(4, backend="nope")(torch.randn(1, 4, 4, 4))
