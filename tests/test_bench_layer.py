@@ -186,16 +186,19 @@ def test_layer_bad_filters_exit_2_naming_the_value(argv, says, capsys):
 
 def test_model_bench_has_the_layer_fusion_impls():
     """``fused-kernel`` is our model with the convolutions around the fused op in every attention
-    module; ``transformers+compile`` is transformers' model under torch.compile (compiled lazily,
-    at its first call)."""
+    module; ``fused+compile`` and ``transformers+compile`` are our fused model and transformers'
+    under torch.compile (compiled lazily, at the first call)."""
     pytest.importorskip("transformers")
     from mvit2_kernels.bench import models
 
     builders = models.model_builders("mobilevitv2", "0.5")
-    assert {"fused", "fused-kernel", "unfused", "transformers+compile"} <= set(builders)
+    wanted = {"fused", "fused+compile", "fused-kernel", "unfused", "transformers+compile"}
+    assert wanted <= set(builders)
     attention = models.attention_modules(builders["fused-kernel"]("auto"))
     assert len(attention) == 2 + 4 + 3 and {m.fused for m in attention} == {"kernel"}
     compiled = builders["transformers+compile"]("auto")
     assert type(compiled._orig_mod).__name__ == "_Logits"
+    ours = builders["fused+compile"]("auto")._orig_mod
+    assert {m.fused for m in models.attention_modules(ours)} == {True}
     assert "fused-kernel" not in models.model_builders("swiftformer", "xs")
     assert "transformers+compile" in models.model_builders("swiftformer", "xs")

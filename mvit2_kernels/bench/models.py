@@ -35,6 +35,7 @@ __all__ = [
 
 IMPLS = (
     "fused",
+    "fused+compile",
     "fused-kernel",
     "unfused",
     "transformers",
@@ -43,7 +44,7 @@ IMPLS = (
 )
 # A compiled model is one graph: there are no attention modules left to replay and time alone,
 # so these rows leave the attention columns null.
-COMPILED_IMPLS = ("transformers+compile",)
+COMPILED_IMPLS = ("fused+compile", "transformers+compile")
 MODES = ("inference", "training")
 
 
@@ -140,14 +141,9 @@ def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Mo
             )
             builders["unfused"] = lambda _: factory(variant="softmax", fused=False)
     builders["transformers"] = lambda _: _Logits(hf_class(config))
-
-    def compiled_hf(_: str) -> nn.Module:
-        # A fresh dynamo state per model: each case compiles its own static-shape graph instead
-        # of hitting the recompile limit and silently running eager.
-        torch._dynamo.reset()
-        return torch.compile(_Logits(hf_class(config)), dynamic=False)
-
-    builders["transformers+compile"] = compiled_hf
+    for impl in ("fused", "transformers"):
+        if impl in builders:
+            builders[f"{impl}+compile"] = _compiled(builders[impl])
     # fuse_ swaps a transformers model's attention for ours in place (top-level or in models).
     fuse = getattr(mvit2_kernels, "fuse_", None) or our_factory("fuse_")
     if fuse is not None:
@@ -160,6 +156,18 @@ def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Mo
 
         builders["transformers+fuse_"] = fused_hf
     return builders
+
+
+def _compiled(build: Callable[[str], nn.Module]) -> Callable[[str], nn.Module]:
+    """``build`` under ``torch.compile(dynamic=False)``, compiled lazily at the first call."""
+
+    def build_compiled(backend: str) -> nn.Module:
+        # A fresh dynamo state per model: each case compiles its own static-shape graph instead
+        # of hitting the recompile limit and silently running eager.
+        torch._dynamo.reset()
+        return torch.compile(build(backend), dynamic=False)
+
+    return build_compiled
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
