@@ -39,6 +39,11 @@ TORCH_LIBRARY(mvit2, m) {
   m.def(
       "separable_layer_project_backward(Tensor grad_out, Tensor v, Tensor ctx, Tensor w_out)"
       " -> (Tensor dv, Tensor dctx)");
+  // CPU only: the projections' gradients with the same GEMM: dw = sum over (b, p, n) of
+  // grad (x) input, [O, I] in the accumulation dtype (dW_v from dv and x, dW_out from grad_out
+  // and y), and dx += w^T dv in place (after the context backward has written dx).
+  m.def("separable_layer_project_weight_backward(Tensor grad, Tensor input) -> Tensor dw");
+  m.def("separable_layer_project_input_backward(Tensor(a!) dx, Tensor dv, Tensor w) -> ()");
 }
 
 #ifndef MVIT2_NO_PYTHON

@@ -120,20 +120,29 @@ def _layer_backward(grad_out, x, w_qkv, w_out, s, xbar, attn_ctx, v, y, backend:
     acc = _acc_dtype(x.dtype)
     g3, x3 = grad_out.view(B, w_out.shape[0], P * N), x.view(B, D, P * N)
 
-    d_wout = torch.bmm(g3, y.view(B, C, P * N).transpose(1, 2)).sum(0, dtype=acc)
-    d_bout = g3.sum(dim=(0, 2), dtype=acc)
-    if _project_fused(backend, x):
-        dv, dctx = torch.ops.mvit2.separable_layer_project_backward(grad_out, v, attn_ctx, w_out)
+    fused = _project_fused(backend, x)
+    ops = torch.ops.mvit2
+    if fused:
+        d_wout = ops.separable_layer_project_weight_backward(grad_out, y)
+        dv, dctx = ops.separable_layer_project_backward(grad_out, v, attn_ctx, w_out)
     else:
+        d_wout = torch.bmm(g3, y.view(B, C, P * N).transpose(1, 2)).sum(0, dtype=acc)
         dy = torch.matmul(w_out.t(), g3).view(B, C, P, N)
         dv, dctx = _op("separable_layer_epilogue", "backward", backend)(dy, v, attn_ctx)
+    d_bout = g3.sum(dim=(0, 2), dtype=acc)
     dv3 = dv.view(B, C, P * N)
-    d_wv = torch.bmm(dv3, x3.transpose(1, 2)).sum(0, dtype=acc)
+    if fused:
+        d_wv = ops.separable_layer_project_weight_backward(dv, x)
+    else:
+        d_wv = torch.bmm(dv3, x3.transpose(1, 2)).sum(0, dtype=acc)
     # ctx = W_k x̄ + b_k: dW_k = Σ_{b,p} dctx ⊗ x̄, dx̄ = W_k^T dctx.
     d_wk = torch.bmm(dctx, xbar.transpose(1, 2)).sum(0)
     dxbar = torch.matmul(w_k.t().to(acc), dctx)
     dx, d_wq = _op("separable_layer_context", "backward", backend)(dxbar, x, w_q[0], s, xbar)
-    dx.view(B, D, P * N).baddbmm_(w_v.t().expand(B, D, C), dv3)  # + W_v^T dv, in place
+    if fused:  # + W_v^T dv, in place
+        ops.separable_layer_project_input_backward(dx, dv, w_v)
+    else:
+        dx.view(B, D, P * N).baddbmm_(w_v.t().expand(B, D, C), dv3)
 
     d_wqkv = torch.cat([d_wq[None], d_wk, d_wv])
     # q's bias shifts every score of a row alike, which the softmax ignores: its gradient is 0.
@@ -224,3 +233,11 @@ if backends.compiled_cpu():
     @torch.library.register_fake("mvit2::separable_layer_project_backward")
     def _(grad_out, v, ctx, w_out):
         return v.new_empty(v.shape), ctx.new_empty(ctx.shape)
+
+    @torch.library.register_fake("mvit2::separable_layer_project_weight_backward")
+    def _(grad, input):
+        return grad.new_empty((grad.shape[1], input.shape[1]), dtype=_acc_dtype(grad.dtype))
+
+    @torch.library.register_fake("mvit2::separable_layer_project_input_backward")
+    def _(dx, dv, w):
+        return None
