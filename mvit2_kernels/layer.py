@@ -137,7 +137,8 @@ def _layer_backward(grad_out, x, w_qkv, w_out, s, xbar, attn_ctx, v, y, backend:
         d_wv = torch.bmm(dv3, x3.transpose(1, 2)).sum(0, dtype=acc)
     # ctx = W_k x̄ + b_k: dW_k = Σ_{b,p} dctx ⊗ x̄, dx̄ = W_k^T dctx.
     # One GEMM over the B·P columns (a batched one of depth P would write B partial products).
-    d_wk = torch.mm(dctx.transpose(0, 1).reshape(C, -1), xbar.transpose(0, 1).reshape(D, -1).t())
+    columns = (dctx.transpose(0, 1).reshape(C, B * P), xbar.transpose(0, 1).reshape(D, B * P))
+    d_wk = torch.mm(columns[0], columns[1].t())
     dxbar = torch.matmul(w_k.t().to(acc), dctx)
     dx, d_wq = _op("separable_layer_context", "backward", backend)(dxbar, x, w_q[0], s, xbar)
     if fused:  # + W_v^T dv, in place
