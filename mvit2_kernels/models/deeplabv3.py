@@ -61,7 +61,7 @@ class MobileViTv2DeepLabV3(nn.Module):
     """
 
     def __init__(self, width: float = 1.0, num_classes: int = 21, output_stride: int = 16, *,
-                 fused: bool = True, backend: str = "auto", odd_size: OddSize = "resize",
+                 fused: bool | str = True, backend: str = "auto", odd_size: OddSize = "resize",
                  dilate_block_conv: bool = True, aspp_channels: int = 512,
                  atrous_rates: Sequence[int] = (6, 12, 18), aspp_dropout: float = 0.1,
                  classifier_dropout: float = 0.1, upsample_logits: bool = False,
@@ -89,7 +89,7 @@ class MobileViTv2DeepLabV3(nn.Module):
 
 
 def mobilevitv2_deeplabv3(width: float = 1.0, num_classes: int = 21, output_stride: int = 16, *,
-                          fused: bool = True, backend: str = "auto",
+                          fused: bool | str = True, backend: str = "auto",
                           **kwargs) -> MobileViTv2DeepLabV3:
     """MobileViTv2-``width`` DeepLabV3; ``kwargs`` go to :class:`MobileViTv2DeepLabV3`."""
     if width not in WIDTHS:

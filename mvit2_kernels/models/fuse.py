@@ -26,7 +26,7 @@ def _dropout_p(module: nn.Module, *names: str) -> float:
     return 0.0
 
 
-def swap_linear_self_attention(module: nn.Module, fused: bool, backend: str) -> nn.Module:
+def swap_linear_self_attention(module: nn.Module, fused: bool | str, backend: str) -> nn.Module:
     """MobileViTv2 attention of transformers (``MobileViTV2LinearSelfAttention``), timm and
     ml-cvnets (``LinearSelfAttention``): all hold ``qkv_proj`` and ``out_proj`` modules that
     compute the 1×1 projections, which our module reuses as they are."""
@@ -50,11 +50,16 @@ def register_swapper(class_name: str, swapper: Swapper) -> None:
     SWAPPERS[class_name] = swapper
 
 
-def fuse_(model: nn.Module, *, fused: bool = True, backend: str = "auto") -> int:
+def fuse_(model: nn.Module, *, fused: bool | str = True, backend: str = "auto") -> int:
     """Replace, in place, every known attention module of ``model`` by our fused module.
 
     Works on transformers and timm MobileViTv2 models (and ml-cvnets'); other families add
     their classes with :func:`register_swapper`. Modules already ours are left alone.
+
+    Args:
+        fused: passed to each new module: for MobileViTv2, ``True`` fuses the whole layer,
+            ``"kernel"`` keeps the projections around the fused op (see
+            :class:`~mvit2_kernels.nn.SeparableAttention`).
 
     Returns:
         The number of modules swapped.

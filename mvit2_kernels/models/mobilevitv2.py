@@ -103,7 +103,7 @@ class TransformerLayer(nn.Module):
     """Pre-norm layer: ``x + attn(GN(x))`` then ``x + mlp(GN(x))``; GN = GroupNorm(1, C)."""
 
     def __init__(self, dim: int, ffn_dim: int, *, attn_dropout: float = 0.0,
-                 ffn_dropout: float = 0.0, dropout: float = 0.0, fused: bool = True,
+                 ffn_dropout: float = 0.0, dropout: float = 0.0, fused: bool | str = True,
                  backend: str = "auto") -> None:
         super().__init__()
         # GroupNorm(1, C) normalizes over (C, P, N) per sample: the "LayerNorm2D" of ml-cvnets.
@@ -125,7 +125,7 @@ class MobileViTv2Block(nn.Module):
     def __init__(self, channels: int, attn_dim: int, ffn_dim: int, depth: int, *,
                  dilation: int = 1, patch_size: int = 2, odd_size: OddSize = "resize",
                  attn_dropout: float = 0.0, ffn_dropout: float = 0.0, dropout: float = 0.0,
-                 fused: bool = True, backend: str = "auto") -> None:
+                 fused: bool | str = True, backend: str = "auto") -> None:
         super().__init__()
         if odd_size not in ("resize", "floor"):
             raise ValueError(f"odd_size must be 'resize' or 'floor', got {odd_size!r}")
@@ -192,7 +192,7 @@ class MobileViTv2(nn.Module):
         ``Tensor[B, 3, H, W]`` -> ``Tensor[B, num_classes]``.
     """
 
-    def __init__(self, width: float = 1.0, num_classes: int = 1000, *, fused: bool = True,
+    def __init__(self, width: float = 1.0, num_classes: int = 1000, *, fused: bool | str = True,
                  backend: str = "auto", output_stride: int = 32, odd_size: OddSize = "resize",
                  dilate_block_conv: bool = True, patch_size: int = 2, attn_dropout: float = 0.0,
                  ffn_dropout: float = 0.0, dropout: float = 0.0) -> None:
@@ -250,7 +250,7 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def mobilevitv2(width: float = 1.0, num_classes: int = 1000, *, fused: bool = True,
+def mobilevitv2(width: float = 1.0, num_classes: int = 1000, *, fused: bool | str = True,
                 backend: str = "auto", **kwargs) -> MobileViTv2:
     """MobileViTv2-``width`` classifier; ``kwargs`` go to :class:`MobileViTv2`.
 
