@@ -98,10 +98,10 @@ def _layer_forward(x, w_qkv, b_qkv, w_out, b_out, backend: str, *, keep: bool):
     acc = _acc_dtype(x.dtype)
 
     s, xbar = _op("separable_layer_context", "forward", backend)(x, w_q[0].contiguous())
-    # ctx = W_k x̄ + b_k for every (b, p): [C, D] @ [B, D, P] in the accumulation dtype.
-    attn_ctx = torch.matmul(w_k.to(acc), xbar)
+    # ctx = W_k x̄ + b_k for every (b, p), in the accumulation dtype.
+    attn_ctx = _per_row(w_k.to(acc), xbar)
     if b_k is not None:
-        attn_ctx = attn_ctx + b_k.to(acc)[:, None]
+        attn_ctx += b_k.to(acc)[:, None]
     if _project_fused(backend, x):
         out, v, y = torch.ops.mvit2.separable_layer_project_forward(
             x, w_v, b_v, attn_ctx, w_out, b_out, keep)
@@ -118,7 +118,6 @@ def _layer_backward(grad_out, x, w_qkv, w_out, s, xbar, attn_ctx, v, y, backend:
     C = (w_qkv.shape[0] - 1) // 2
     w_q, w_k, w_v = w_qkv.split([1, C, C])
     acc = _acc_dtype(x.dtype)
-    g3, x3 = grad_out.view(B, w_out.shape[0], P * N), x.view(B, D, P * N)
 
     fused = _project_fused(backend, x)
     ops = torch.ops.mvit2
@@ -126,31 +125,54 @@ def _layer_backward(grad_out, x, w_qkv, w_out, s, xbar, attn_ctx, v, y, backend:
         d_wout = ops.separable_layer_project_weight_backward(grad_out, y)
         dv, dctx = ops.separable_layer_project_backward(grad_out, v, attn_ctx, w_out)
     else:
-        d_wout = torch.bmm(g3, y.view(B, C, P * N).transpose(1, 2)).sum(0, dtype=acc)
-        dy = torch.matmul(w_out.t(), g3).view(B, C, P, N)
+        d_wout = _weight_grad(grad_out, y).to(acc)
+        dy = _project(w_out.t().contiguous(), None, grad_out)
         dv, dctx = _op("separable_layer_epilogue", "backward", backend)(dy, v, attn_ctx)
-    d_bout = g3.sum(dim=(0, 2), dtype=acc)
+    d_bout = grad_out.sum(dim=(0, 2, 3), dtype=acc)
     dv3 = dv.view(B, C, P * N)
     if fused:
         d_wv = ops.separable_layer_project_weight_backward(dv, x)
     else:
-        d_wv = torch.bmm(dv3, x3.transpose(1, 2)).sum(0, dtype=acc)
+        d_wv = _weight_grad(dv, x).to(acc)
     # ctx = W_k x̄ + b_k: dW_k = Σ_{b,p} dctx ⊗ x̄, dx̄ = W_k^T dctx.
     # One GEMM over the B·P columns (a batched one of depth P would write B partial products).
-    columns = (dctx.transpose(0, 1).reshape(C, B * P), xbar.transpose(0, 1).reshape(D, B * P))
-    d_wk = torch.mm(columns[0], columns[1].t())
-    dxbar = torch.matmul(w_k.t().to(acc), dctx)
+    d_wk = torch.mm(_columns(dctx), _columns(xbar).t())
+    dxbar = _per_row(w_k.t().to(acc), dctx)
     dx, d_wq = _op("separable_layer_context", "backward", backend)(dxbar, x, w_q[0], s, xbar)
     if fused:  # + W_v^T dv, in place
         ops.separable_layer_project_input_backward(dx, dv, w_v)
     else:
-        dx.view(B, D, P * N).baddbmm_(w_v.t().expand(B, D, C), dv3)
+        # A contiguous W_v^T: the library's bf16 GEMM on the transposed view is 3x slower.
+        dx.view(B, D, P * N).baddbmm_(w_v.t().contiguous().expand(B, D, C), dv3)
 
     d_wqkv = torch.cat([d_wq[None], d_wk, d_wv])
     # q's bias shifts every score of a row alike, which the softmax ignores: its gradient is 0.
     d_bqkv = torch.cat([d_wq.new_zeros(1), dctx.sum(dim=(0, 2)), dv3.sum(dim=(0, 2), dtype=acc)])
     dt = w_qkv.dtype
     return dx, d_wqkv.to(dt), d_bqkv.to(dt), d_wout.to(dt), d_bout.to(dt)
+
+
+def _weight_grad(grad: Tensor, input: Tensor) -> Tensor:
+    """``Σ_{b,p,n} grad[b, :, p, n] ⊗ input[b, :, p, n]``, ``[O, I]``: one GEMM over every column
+    (the library accumulates in float32 and rounds once; a batched GEMM and a sum would round B
+    partial products to bf16 and write them out)."""
+    B, rows, P, N = grad.shape
+    columns = B * P * N
+    return torch.mm(grad.transpose(0, 1).reshape(rows, columns),
+                    input.transpose(0, 1).reshape(input.shape[1], columns).t())
+
+
+def _columns(t: Tensor) -> Tensor:
+    """``t: [B, K, P]`` as the matrix ``[K, B·P]`` (a copy: these tensors are small)."""
+    B, K, P = t.shape
+    return t.transpose(0, 1).reshape(K, B * P)
+
+
+def _per_row(w: Tensor, t: Tensor) -> Tensor:
+    """``w @ t[b, :, p]`` for every (b, p): ``w: [O, K]``, ``t: [B, K, P]`` -> contiguous
+    ``[B, O, P]``, as one GEMM over the B·P columns (matmul would expand w to a batch)."""
+    B, _, P = t.shape
+    return (w @ _columns(t)).view(w.shape[0], B, P).transpose(0, 1).contiguous()
 
 
 def _project(w: Tensor, b: Tensor | None, x: Tensor) -> Tensor:
