@@ -12,6 +12,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 
 from .layer import separable_attention_layer
 from .ops import additive_attention, separable_attention
@@ -95,9 +96,10 @@ class SeparableAttention(nn.Module):
 
     def _fused_layer(self, x: Tensor, qkv_conv: nn.Conv2d, out_conv: nn.Conv2d) -> Tensor:
         weights = (qkv_conv.weight, qkv_conv.bias, out_conv.weight, out_conv.bias)
-        if torch.is_autocast_enabled(x.device.type):  # compute in the dtype the convs would
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, *weights = (None if t is None else t.to(dtype) for t in (x, *weights))
+        if torch.is_autocast_enabled(x.device.type):  # compute in the dtype the convs would:
+            dtype = torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone
+            x, *weights = (t.to(dtype) if t is not None and t.dtype != torch.float64 else t
+                           for t in (x, *weights))
         return separable_attention_layer(x, *weights, backend=self.backend)
 
     def _attend_with_dropout(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -123,14 +125,27 @@ def _conv1x1(proj: nn.Module) -> nn.Conv2d | None:
 
     Ours are ``nn.Conv2d``; transformers' (kept by ``fuse_``) wrap one in a
     ``MobileViTV2ConvLayer`` without normalisation or activation. Anything else (a subclass, a
-    quantised or adapted projection) runs as the module it is, around the fused op."""
+    quantised or adapted projection) runs as the module it is, around the fused op; so does one
+    with hooks (observers, pruning, weight norm): the fused layer would not call them."""
+    if _has_hooks(proj):
+        return None
     if type(proj).__name__ == "MobileViTV2ConvLayer":
         if getattr(proj, "normalization", None) is not None or getattr(proj, "activation", None):
             return None
         proj = getattr(proj, "convolution", None)
     plain = (type(proj) is nn.Conv2d and proj.kernel_size == (1, 1) and proj.stride == (1, 1)
-             and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1)
+             and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1
+             and not _has_hooks(proj))
     return proj if plain else None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or the global ones)."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                    "_global_backward_hooks", "_global_backward_pre_hooks")
+    return (any(getattr(module, name, None) for name in hooks)
+            or any(getattr(_module_globals, name, None) for name in global_hooks))
 
 
 class EfficientAdditiveAttention(nn.Module):

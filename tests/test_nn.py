@@ -153,6 +153,24 @@ def test_fused_true_runs_projections_that_are_not_plain_convs_as_modules(monkeyp
     torch.testing.assert_close(m(x), expected(x))
 
 
+def test_fused_true_runs_projections_with_hooks_as_modules():
+    """A hook on a projection (an observer, pruning, weight norm) still runs, and sees the
+    projection's input."""
+    m, seen = make(4), []
+    m.qkv_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    x = torch.randn(2, 4, 4, 6)
+    torch.testing.assert_close(m(x), public_layer(x, m))
+    assert seen == [x.shape]
+
+
+def test_float64_under_autocast_stays_float64_like_the_convs():
+    m, x = make(4).double(), torch.randn(2, 4, 4, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, public_layer(x, m))
+
+
 def test_fused_modes_share_one_state_dict():
     ref = make(4, fused=False)
     for mode in (True, "kernel"):

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not backends.compiled_cpu(), reason="C++ extensi
 # and MobileViTv2's L5 (N = 16) at a small batch.
 SHAPES = [
     (5, 6, 7, 4, 5),
+    (5, 17, 7, 4, 5),  # three panels, the last of one row, and tiles of 3 and then 2 rows
     (1, 1, 1, 1, 1),
     (2, 17, 3, 3, 1),
     (1, 3, 130, 2, 37),
@@ -45,12 +46,12 @@ def input_reference(dx, dv, w):
     return dx.double() + torch.einsum("ci,bcpn->bipn", w.double(), dv.double())
 
 
-def tolerance(dtype, terms):
-    """Float32 accumulation (float64 for float64) of ``terms`` exact products of rounded inputs,
-    and for dx the rounding of the result to dtype."""
-    eps = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 8e-3,
-           torch.float16: 1e-3}[dtype]
+def tolerance(dtype, terms, rounded=True):
+    """Float32 accumulation (float64 for float64) of ``terms`` products of the rounded inputs
+    (exact in float32 for bf16/fp16), plus the rounding of the result to dtype if ``rounded``."""
     acc = 1e-15 if dtype == torch.float64 else 1e-6
+    eps = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 8e-3,
+           torch.float16: 1e-3}[dtype] if rounded else acc
     return dict(rtol=max(eps, acc * terms ** 0.5) * 4, atol=acc * terms ** 0.5 * 10 + eps)
 
 
@@ -61,8 +62,9 @@ def test_weight_backward_sums_grad_times_input_over_every_column(shape, dtype, p
     grad, input = randn(B, C, P, N, dtype=dtype), randn(B, D, P, N, dtype=dtype, seed=1)
     dw = _ops().separable_layer_project_weight_backward(grad, input)
     assert dw.shape == (C, D) and dw.dtype == _acc(dtype) and dw.is_contiguous()
+    # dW stays in the accumulation dtype: no rounding to dtype, whatever the inputs'.
     torch.testing.assert_close(dw.double(), weight_reference(grad, input),
-                               **tolerance(dtype, B * P * N))
+                               **tolerance(dtype, B * P * N, rounded=False))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -126,6 +128,12 @@ def test_results_do_not_depend_on_the_thread_count():
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+    # Several tiles per partial-sum slice: every tile counted once.
+    dw, out = results[0]
+    torch.testing.assert_close(dw.double(), weight_reference(grad, input),
+                               **tolerance(torch.float32, B * P * N))
+    torch.testing.assert_close(out.double(), input_reference(dx, grad, w),
+                               **tolerance(torch.float32, C))
 
 
 def test_bad_inputs_raise_naming_the_argument():

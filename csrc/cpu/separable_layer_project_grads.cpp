@@ -15,6 +15,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <atomic>
@@ -37,11 +38,17 @@ using tiles::Tiling;
 // at D = 256, N = 16, B = 32: 16 slices 25% slower than 4).
 constexpr int64_t kChunks = 8;
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N (at::vec's 16 x 16 AVX-512 blocks
-// for float).
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: at::vec's 16 x 16 AVX-512 blocks for
+// float where torch has its runtime-size transpose_mxn (2.6 on), a plain loop otherwise.
 template <typename T>
 inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
   at::vec::transpose_mxn<T>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
+#else
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+#endif
 }
 
 template <typename scalar_t>
@@ -59,8 +66,9 @@ void separable_layer_project_weight_backward_kernel(const at::Tensor& grad,
   std::vector<acc_t> part(chunks * O * I_pad, acc_t(0));  // [chunks, O, I_pad]
 
   // Per thread: both tiles as packed, grad's as A panels ([width][kMR]) and input's transposed
-  // ([width][I_pad]). The lanes past O and the columns past I are zero from here on: the
-  // transposes never write them.
+  // ([width][I_pad]). The columns past I stay zero (ld_dst is fixed, the transposes never write
+  // them); the lanes past O of the last panel may hold an earlier, wider tile's values when K
+  // changes, harmless: gemm discards the accumulators of rows past M.
   const int64_t most = tiling.max_width();
   struct Scratch {
     std::vector<acc_t> g, in, in_t;
