@@ -39,8 +39,8 @@ class SeparableAttention(nn.Module):
         bias: whether both projections have a bias.
         fused: ``True`` (default) runs the whole layer fused, without ever materialising the
             keys (:func:`~mvit2_kernels.separable_attention_layer`), whenever both projections
-            are plain 1×1 convolutions without hooks (else it runs as ``"kernel"``); ``"kernel"`` runs the
-            two projections as the modules they are around the fused op
+            are plain 1×1 convolutions without hooks (else it runs as ``"kernel"``);
+            ``"kernel"`` runs the two projections as the modules they are around the fused op
             :func:`~mvit2_kernels.separable_attention`; ``False`` runs the reference
             :func:`~mvit2_kernels.reference.separable_attention_reference` between them.
             The parameters and the state dict are the same in all three.
