@@ -159,6 +159,15 @@ void separable_layer_project_input_backward_kernel(at::Tensor& dx, const at::Ten
   });
 }
 
+// t: [B, K, P, N] with ref's B, P and N (the same columns; any channel count K).
+inline void check_same_columns(const at::Tensor& t, const char* name, const char* K,
+                               const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.size(0) == ref.size(0) && t.size(2) == ref.size(2) &&
+                        t.size(3) == ref.size(3),
+                    name, " must have shape [B, ", K, ", P, N] = [", ref.size(0), ", ", K, ", ",
+                    ref.size(2), ", ", ref.size(3), "] like ", ref_name, ", got ", t.sizes());
+}
+
 }  // namespace
 
 at::Tensor separable_layer_project_weight_backward_cpu(const at::Tensor& grad,
@@ -168,9 +177,7 @@ at::Tensor separable_layer_project_weight_backward_cpu(const at::Tensor& grad,
   MVIT2_CHECK_SAME(input, grad);
   const int64_t B = grad.size(0), O = grad.size(1), P = grad.size(2), N = grad.size(3);
   const int64_t I = input.size(1);
-  TORCH_CHECK_VALUE(input.size(0) == B && input.size(2) == P && input.size(3) == N,
-                    "input must have shape [B, I, P, N] = [", B, ", I, ", P, ", ", N,
-                    "] like grad, got ", input.sizes());
+  check_same_columns(input, "input", "I", grad, "grad");
   const auto acc = grad.options().dtype(acc_type(grad.scalar_type()));
   if (B * P * N == 0 || O * I == 0) return at::zeros({O, I}, acc);
   at::Tensor dw = at::empty({O, I}, acc);
@@ -188,9 +195,7 @@ void separable_layer_project_input_backward_cpu(at::Tensor& dx, const at::Tensor
   MVIT2_CHECK_SAME(w, dx);
   const int64_t B = dx.size(0), D = dx.size(1), P = dx.size(2), N = dx.size(3);
   const int64_t C = dv.size(1);
-  TORCH_CHECK_VALUE(dv.size(0) == B && dv.size(2) == P && dv.size(3) == N,
-                    "dv must have shape [B, C, P, N] = [", B, ", C, ", P, ", ", N,
-                    "] like dx, got ", dv.sizes());
+  check_same_columns(dv, "dv", "C", dx, "dx");
   TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == C && w.size(1) == D,
                     "w must have shape [C, D] = [", C, ", ", D, "], got ", w.sizes());
   TORCH_CHECK_VALUE(w.is_contiguous(), "w must be contiguous");
