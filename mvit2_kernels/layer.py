@@ -157,13 +157,12 @@ def _weight_grad(grad: Tensor, input: Tensor) -> Tensor:
     (the library accumulates in float32 and rounds once; a batched GEMM and a sum would round B
     partial products to bf16 and write them out)."""
     B, rows, P, N = grad.shape
-    columns = B * P * N
-    return torch.mm(grad.transpose(0, 1).reshape(rows, columns),
-                    input.transpose(0, 1).reshape(input.shape[1], columns).t())
+    as_rows = (grad.reshape(B, rows, P * N), input.reshape(B, input.shape[1], P * N))
+    return torch.mm(_columns(as_rows[0]), _columns(as_rows[1]).t())
 
 
 def _columns(t: Tensor) -> Tensor:
-    """``t: [B, K, P]`` as the matrix ``[K, B·P]`` (a copy: these tensors are small)."""
+    """``t: [B, K, P]`` as the matrix ``[K, B·P]`` (a copy)."""
     B, K, P = t.shape
     return t.transpose(0, 1).reshape(K, B * P)
 
