@@ -21,7 +21,14 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .ops import _acc_dtype, _check_float_like, _NoDoubleBackward, _op
+from .ops import (
+    _acc_dtype,
+    _check_float_like,
+    _NoDoubleBackward,
+    _op,
+    autocast_inputs,
+    autocast_off,
+)
 from .reference import separable_layer_reference
 
 __all__ = ["separable_attention_layer"]
@@ -54,15 +61,18 @@ def separable_attention_layer(
         slightly *more* accurate). Differentiable once in x and every parameter; the gradient
         of q's bias is exactly 0 (softmax ignores a shift of every score).
     """
+    x, qkv_weight, qkv_bias, out_weight, out_bias = autocast_inputs(
+        x, qkv_weight, qkv_bias, out_weight, out_bias)
     w_qkv, w_out = _check_layer_inputs(x, qkv_weight, qkv_bias, out_weight, out_bias)
     backend = backends.resolve_backend(backend, x.device)
-    if backend == "reference":
-        return separable_layer_reference(x, qkv_weight, qkv_bias, out_weight, out_bias)
-    x = x.contiguous()
-    tensors = (x, w_qkv, qkv_bias, w_out, out_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return SeparableLayerFunction.apply(*tensors, backend)
-    return _layer_forward(*tensors, backend, keep=False)[0]
+    with autocast_off(x.device):
+        if backend == "reference":
+            return separable_layer_reference(x, qkv_weight, qkv_bias, out_weight, out_bias)
+        x = x.contiguous()
+        tensors = (x, w_qkv, qkv_bias, w_out, out_bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return SeparableLayerFunction.apply(*tensors, backend)
+        return _layer_forward(*tensors, backend, keep=False)[0]
 
 
 class SeparableLayerFunction(torch.autograd.Function):
@@ -79,8 +89,9 @@ class SeparableLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, w_qkv, w_out, s, xbar, attn_ctx, v, y = ctx.saved_tensors
-        grads = _layer_backward(grad_out.contiguous(), x, w_qkv, w_out, s, xbar, attn_ctx, v, y,
-                                ctx.backend)
+        with autocast_off(x.device):  # backward() may be called inside the autocast region
+            grads = _layer_backward(grad_out.contiguous(), x, w_qkv, w_out, s, xbar, attn_ctx,
+                                    v, y, ctx.backend)
         d_x, d_wqkv, d_bqkv, d_wout, d_bout = grads
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
             d_x, d_wqkv, d_wout = _NoDoubleBackward.apply(

@@ -95,12 +95,8 @@ class SeparableAttention(nn.Module):
         return self.proj_drop(self.out_proj(y))
 
     def _fused_layer(self, x: Tensor, qkv_conv: nn.Conv2d, out_conv: nn.Conv2d) -> Tensor:
-        weights = (qkv_conv.weight, qkv_conv.bias, out_conv.weight, out_conv.bias)
-        if torch.is_autocast_enabled(x.device.type):  # compute in the dtype the convs would:
-            dtype = torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone
-            x, *weights = (t.to(dtype) if t is not None and t.dtype != torch.float64 else t
-                           for t in (x, *weights))
-        return separable_attention_layer(x, *weights, backend=self.backend)
+        return separable_attention_layer(x, qkv_conv.weight, qkv_conv.bias, out_conv.weight,
+                                         out_conv.bias, backend=self.backend)
 
     def _attend_with_dropout(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         global _warned_dropout_fallback
@@ -187,11 +183,11 @@ class EfficientAdditiveAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x: Tensor[B, N, D]`` -> ``Tensor[B, N, D]``."""
         q, k = self.to_query(x), self.to_key(x)
-        w_g = self.w_g.to(q.dtype)  # under autocast the Linear outputs are fp16/bf16
-        if self.fused:
-            out, qn = additive_attention(q, k, w_g, variant=self.variant, backend=self.backend)
+        if self.fused:  # under autocast the op casts w_g like the Linear outputs
+            out, qn = additive_attention(q, k, self.w_g, variant=self.variant,
+                                         backend=self.backend)
         else:
-            out, qn = additive_attention_reference(q, k, w_g, self.variant)
+            out, qn = additive_attention_reference(q, k, self.w_g, self.variant)
         return self.final(self.proj(out) + qn)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -38,11 +38,13 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto
 
     Differentiable once with respect to q, k and v; double backward raises.
     """
+    q, k, v = autocast_inputs(q, k, v)
     _check_inputs(q, k, v)
     backend = backends.resolve_backend(backend, q.device)
-    if backend == "reference":
-        return separable_attention_reference(q, k, v)
-    return SeparableAttentionFunction.apply(q, k, v, backend)
+    with autocast_off(q.device):
+        if backend == "reference":
+            return separable_attention_reference(q, k, v)
+        return SeparableAttentionFunction.apply(q, k, v, backend)
 
 
 class SeparableAttentionFunction(torch.autograd.Function):
@@ -58,7 +60,8 @@ class SeparableAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         q, k, v, attn_ctx = ctx.saved_tensors
-        grads = _op("separable_attention", "backward", ctx.backend)(grad_y, q, k, v, attn_ctx)
+        with autocast_off(q.device):
+            grads = _op("separable_attention", "backward", ctx.backend)(grad_y, q, k, v, attn_ctx)
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
             grads = _NoDoubleBackward.apply("separable_attention", grad_y, q, k, v, *grads)
         return *grads, None
@@ -120,6 +123,34 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# --- Autocast ----------------------------------------------------------------------------------
+#
+# Every op is a contraction (a weighted sum over N, or the layer's 1x1 convolutions), so under
+# torch.autocast it casts like a convolution or matmul: floating inputs go to the autocast dtype
+# once, at the boundary (float64 stays float64, as autocast leaves it), and the op then runs with
+# autocast off. Inside, fp16/bf16 accumulate in float32 anyway; autocast left on would recast the
+# float32 glue (the layer's small GEMMs, the saved context) to fp16/bf16 and lose that.
+
+
+def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``tensors`` as a convolution under the current autocast would take them: float16/32 and
+    bfloat16 tensors cast to the autocast dtype of their device; anything else unchanged."""
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        else t
+        for t in tensors
+    )
+
+
+def autocast_off(device: torch.device) -> torch.autocast:
+    """A context that runs an op's body (forward or backward) with autocast off on ``device``."""
+    return torch.autocast(device.type, enabled=False)
+
+
 if backends.compiled_cpu():
 
     @torch.library.register_fake("mvit2::separable_attention_forward")
@@ -166,11 +197,13 @@ def additive_attention(
         ``(G * kn, qn)``, both ``Tensor[B, N, D]`` in the input dtype (fp16/bf16 accumulated in
         float32). Differentiable once with respect to q, k and w_g.
     """
+    q, k, w_g = autocast_inputs(q, k, w_g)
     _check_additive_inputs(q, k, w_g, variant)
     backend = backends.resolve_backend(backend, q.device)
-    if backend == "reference":
-        return additive_attention_reference(q, k, w_g, variant)
-    return AdditiveAttentionFunction.apply(q, k, w_g, variant, backend)
+    with autocast_off(q.device):
+        if backend == "reference":
+            return additive_attention_reference(q, k, w_g, variant)
+        return AdditiveAttentionFunction.apply(q, k, w_g, variant, backend)
 
 
 class AdditiveAttentionFunction(torch.autograd.Function):
@@ -187,9 +220,10 @@ class AdditiveAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_qn: Tensor):
         q, k, w_g, g, a_norm = ctx.saved_tensors
-        grads = _op("additive_attention", "backward", ctx.backend)(
-            grad_out, grad_qn, q, k, w_g, g, a_norm, ctx.variant
-        )
+        with autocast_off(q.device):
+            grads = _op("additive_attention", "backward", ctx.backend)(
+                grad_out, grad_qn, q, k, w_g, g, a_norm, ctx.variant
+            )
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
             # _NoDoubleBackward ties its outputs to its first four tensors; w_g rides along as a
             # fifth so that it is a dependency too, and its pass-through view is dropped.
