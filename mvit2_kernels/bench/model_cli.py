@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="image side (default: 256 for MobileViTv2, 224 for SwiftFormer)",
     )
-    parser.add_argument("--mode", action="append", help="inference, training (default: both)")
+    parser.add_argument(
+        "--mode",
+        action="append",
+        help="inference, training, training+amp (the training step under bf16 autocast; "
+        "default: all three, training+amp only for --dtype fp32)",
+    )
     parser.add_argument(
         "--impl", action="append", help=f"{', '.join(IMPLS)} (default: all present)"
     )
@@ -87,7 +92,10 @@ def _cases(parser, args, device: str) -> list[ModelCase]:
     )
     if batch < 1:
         parser.error(f"--batch must be >= 1, got {batch}")
-    modes = _choose(parser, "--mode", listed(args.mode, list(MODES)), MODES)
+    default_modes = [m for m in MODES if args.dtype == "fp32" or m != "training+amp"]
+    modes = _choose(parser, "--mode", listed(args.mode, default_modes), MODES)
+    if "training+amp" in modes and args.dtype != "fp32":
+        parser.error("--mode training+amp runs an fp32 model under autocast: use --dtype fp32")
     cases = []
     for family in families:
         if family == "mobilevitv2":

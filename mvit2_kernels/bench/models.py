@@ -45,7 +45,9 @@ IMPLS = (
 # A compiled model is one graph: there are no attention modules left to replay and time alone,
 # so these rows leave the attention columns null.
 COMPILED_IMPLS = ("fused+compile", "transformers+compile")
-MODES = ("inference", "training")
+# "training+amp": the fp32 model's training step under torch.autocast (bf16), as people train.
+MODES = ("inference", "training", "training+amp")
+AMP_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -196,10 +198,13 @@ def model_step(model: nn.Module, mode: str) -> Callable[[torch.Tensor, torch.Ten
 
         return infer
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    amp = mode == "training+amp"
 
     def train(x, labels):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), labels).backward()
+        with torch.autocast(x.device.type, dtype=AMP_DTYPE, enabled=amp):
+            loss = F.cross_entropy(model(x), labels)
+        loss.backward()
         opt.step()
 
     return train
@@ -232,11 +237,12 @@ def _attention_replay(model: nn.Module, x: torch.Tensor, mode: str):
 
         return replay, len(mods)
     grads = []
+    amp = torch.autocast(x.device.type, dtype=AMP_DTYPE, enabled=mode == "training+amp")
     for module, args, kwargs in calls:
         for a in args:
             if torch.is_tensor(a) and a.is_floating_point():
                 a.requires_grad_()
-        with torch.no_grad():
+        with torch.no_grad(), amp:
             out = module(*args, **kwargs)
         grads.append(torch.randn_like(out[0] if isinstance(out, tuple) else out))
     params = [p for m in mods for p in m.parameters()]
@@ -245,7 +251,8 @@ def _attention_replay(model: nn.Module, x: torch.Tensor, mode: str):
         for p in params:
             p.grad = None  # as zero_grad(set_to_none=True) does in the model's step
         for (module, args, kwargs), g in zip(calls, grads, strict=True):
-            out = module(*args, **kwargs)
+            with amp:
+                out = module(*args, **kwargs)
             (out[0] if isinstance(out, tuple) else out).backward(g)
 
     return replay_train, len(mods)
@@ -276,7 +283,7 @@ def time_model(
     """Throughput of one implementation on one case, and its attention modules' share."""
     torch.manual_seed(0)
     model = build(backend).to(device=device, dtype=DTYPES[dtype])
-    model.train(case.mode == "training")
+    model.train(case.mode != "inference")
     shape = (case.batch, 3, case.resolution, case.resolution)
     image_bytes = case.batch * 3 * case.resolution**2 * model_itemsize(model)
     count = rotation_count(

@@ -144,7 +144,7 @@ def model_table(model_names: Sequence[str]) -> TextTable:
             Column("res", 3),
             Column("B", 3),
             Column("dtype", 5, left=True),
-            Column("mode", 9, left=True),
+            Column("mode", 12, left=True),
             Column("impl", 20, left=True),
             Column("ms", 8),
             Column("img/s", 7),
