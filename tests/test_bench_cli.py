@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+from fixtures.optional import optional
 
 from mvit2_kernels.bench import cases, shapes
 from mvit2_kernels.bench.cli import main
@@ -381,7 +382,8 @@ def test_report_and_plot_read_files_written_before_the_additive_op(quick_run, tm
 
 
 def test_model_run_times_each_implementation_and_finds_all_attention_modules(tmp_path):
-    pytest.importorskip("transformers")
+    with optional("transformers"):  # the model classes, which transformers imports lazily
+        from transformers import MobileViTV2Config, MobileViTV2ForImageClassification  # noqa: F401
     from mvit2_kernels.bench import models
 
     impls = [

@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+from fixtures.optional import optional
 from test_bench_cli import ENVIRONMENT, OP_ROW, OPS_SETTINGS, TOP, assert_fields, run_cli
 
 from mvit2_kernels.bench import layer
@@ -188,7 +189,8 @@ def test_model_bench_has_the_layer_fusion_impls():
     """``fused-kernel`` is our model with the convolutions around the fused op in every attention
     module; ``fused+compile`` and ``transformers+compile`` are our fused model and transformers'
     under torch.compile (compiled lazily, at the first call)."""
-    pytest.importorskip("transformers")
+    with optional("transformers"):  # the model classes, which transformers imports lazily
+        from transformers import MobileViTV2Config, MobileViTV2ForImageClassification  # noqa: F401
     from mvit2_kernels.bench import models
 
     builders = models.model_builders("mobilevitv2", "0.5")

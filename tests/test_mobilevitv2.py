@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixtures.hf_mobilevitv2 import hf_classifier, hf_segmenter, rel_err
+from fixtures.optional import optional
 
 from mvit2_kernels.models import (
     MobileViTv2,
@@ -49,7 +50,8 @@ def test_every_width_has_the_published_configuration(width):
 
 
 def hf_meta(width):
-    from transformers import MobileViTV2Config, MobileViTV2ForImageClassification
+    with optional("transformers"):
+        from transformers import MobileViTV2Config, MobileViTV2ForImageClassification
 
     return MobileViTV2ForImageClassification(MobileViTV2Config(width_multiplier=width,
                                                                num_labels=1000))
@@ -216,7 +218,8 @@ def test_bad_configurations():
 
 
 def hf_processor(**kwargs):
-    from transformers import MobileViTImageProcessorPil
+    with optional("transformers"):
+        from transformers import MobileViTImageProcessorPil
 
     return MobileViTImageProcessorPil(**kwargs)
 
@@ -224,8 +227,10 @@ def hf_processor(**kwargs):
 @pytest.mark.parametrize("hw, resample", [((200, 300), "bilinear"), ((333, 181), "bicubic")])
 @pytest.mark.parametrize("flip", [True, False])
 def test_preprocess_matches_transformers_image_processor(hw, resample, flip):
-    from PIL import Image
-    from transformers.image_utils import PILImageResampling
+    with optional("pillow"):
+        from PIL import Image
+    with optional("transformers"):
+        from transformers.image_utils import PILImageResampling
 
     pixels = np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8)
     proc = hf_processor(size={"shortest_edge": 288}, crop_size={"height": 256, "width": 256},
@@ -242,7 +247,8 @@ def test_preprocess_matches_transformers_image_processor(hw, resample, flip):
 
 
 def test_preprocess_pads_images_smaller_than_the_crop_like_transformers():
-    from PIL import Image
+    with optional("pillow"):
+        from PIL import Image
 
     pixels = np.random.default_rng(1).integers(0, 256, (201, 150, 3), dtype=np.uint8)
     proc = hf_processor(do_resize=False, crop_size={"height": 256, "width": 128})

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixtures.hf_mobilevitv2 import randomize_, rel_err
+from fixtures.optional import importorskip, optional
 from torch import nn
 
 import mvit2_kernels.models.swiftformer_checkpoints  # noqa: F401  (registers the family)
@@ -26,11 +27,22 @@ FACTORIES = {"xs": swiftformer_xs, "s": swiftformer_s, "l1": swiftformer_l1, "l3
 SMALL = {"depths": [2, 1, 1, 2], "embed_dims": [16, 24, 32, 40]}  # fast, every block kind
 
 
-def hf_swiftformer(num_labels=7, **config):
-    from transformers import SwiftFormerConfig, SwiftFormerForImageClassification
+def hf_config(num_labels=7, **config):
+    with optional("transformers"):
+        from transformers import SwiftFormerConfig
 
-    cfg = SwiftFormerConfig(num_labels=num_labels, **{**SMALL, **config})
-    return randomize_(SwiftFormerForImageClassification(cfg).eval())
+    return SwiftFormerConfig(num_labels=num_labels, **{**SMALL, **config})
+
+
+def hf_class():
+    with optional("transformers"):
+        from transformers import SwiftFormerForImageClassification
+
+    return SwiftFormerForImageClassification
+
+
+def hf_swiftformer(num_labels=7, **config):
+    return randomize_(hf_class()(hf_config(num_labels, **config)).eval())
 
 
 def ours_small(variant="normalize", seed=0, **kwargs):
@@ -46,7 +58,8 @@ def x():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_configuration_is_the_published_one(name):
-    from transformers import SwiftFormerConfig, SwiftFormerForImageClassification
+    with optional("transformers"):
+        from transformers import SwiftFormerConfig, SwiftFormerForImageClassification
 
     depths, dims = CONFIGS[name]
     with torch.device("meta"):
@@ -71,10 +84,11 @@ def test_from_transformers_reproduces_its_logits(x, fused):
 
 
 def test_additive_attention_module_reproduces_transformers():
-    from transformers import SwiftFormerConfig
-    from transformers.models.swiftformer.modeling_swiftformer import (
-        SwiftFormerEfficientAdditiveAttention,
-    )
+    with optional("transformers"):
+        from transformers import SwiftFormerConfig
+        from transformers.models.swiftformer.modeling_swiftformer import (
+            SwiftFormerEfficientAdditiveAttention,
+        )
 
     torch.manual_seed(0)
     hf = SwiftFormerEfficientAdditiveAttention(SwiftFormerConfig(), dim=24)
@@ -178,7 +192,7 @@ def test_our_checkpoints_need_the_variant():
 
 
 def test_timm_reproduces_our_model_when_available(x):
-    timm = pytest.importorskip("timm")
+    timm = importorskip("timm")
     model = randomize_(timm.create_model("swiftformer_xs", num_classes=7).eval())
     ours = load_pretrained(model.state_dict(), "timm")
     with torch.no_grad():

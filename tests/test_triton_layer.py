@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import device_of
+from fixtures.optional import importorskip
 
 from mvit2_kernels import available_backends
 from mvit2_kernels.reference import (
@@ -296,7 +297,7 @@ for name in ("context_forward", "context_backward", "epilogue_forward", "epilogu
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_sm90():
-    pytest.importorskip("triton.backends.nvidia")
+    importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
                          text=True, timeout=600)
