@@ -12,6 +12,7 @@ import torch
 from fixtures.hf_mobilevitv2 import (
     hf_classifier,
     hf_segmenter,
+    randomize_,
     rel_err,
     relabel_in_order,
     source_keys,
@@ -215,6 +216,66 @@ def test_fuse_runs_the_whole_layer_on_transformers_projections(monkeypatch):
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     hf_logits(hf, torch.randn(1, 3, 64, 64))
     assert len(calls) == 9
+
+
+def hf_classifier_class():
+    with optional("transformers"):
+        from transformers import MobileViTV2Config, MobileViTV2ForImageClassification
+
+    return MobileViTV2ForImageClassification, MobileViTV2Config(width_multiplier=0.5,
+                                                                num_labels=10)
+
+
+def test_fuse_keeps_the_model_initialisable_by_transformers():
+    """transformers' init reaches the projections the swapped module keeps (and the module is
+    still a ``MobileViTV2LinearSelfAttention``): built on the meta device, fused, materialised
+    and initialised, the model gets every parameter transformers gives the unfused model."""
+    cls, config = hf_classifier_class()
+    models = []
+    for fuse in (False, True):
+        with torch.device("meta"):
+            model = cls(config)
+        if fuse:
+            assert fuse_(model) == 9
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                t.fill_(float("nan") if t.is_floating_point() else -1)
+        torch.manual_seed(0)
+        model.init_weights()
+        models.append(model)
+    unfused, fused = models
+    fused_sd = fused.state_dict()
+    for name, t in unfused.state_dict().items():
+        assert torch.equal(fused_sd[name], t), name
+    attn = fused.mobilevitv2.encoder.layer[2].transformer.layer[0].attention
+    assert isinstance(attn, SeparableAttention)
+    assert isinstance(attn, type(unfused.mobilevitv2.encoder.layer[2].transformer.layer[0]
+                                 .attention))
+
+
+def test_from_pretrained_initialises_missing_projections_of_a_model_fused_in_init(
+        tmp_path, poison_empty):
+    cls, config = hf_classifier_class()
+
+    class FusedMobileViTV2(cls):
+        def __init__(self, config):
+            super().__init__(config)
+            fuse_(self)
+
+    source = randomize_(cls(config))
+    source.save_pretrained(tmp_path, state_dict={
+        k: v for k, v in source.state_dict().items() if ".attention.qkv_proj." not in k})
+    torch.manual_seed(0)
+    expected = cls.from_pretrained(tmp_path).eval()
+    torch.manual_seed(0)
+    fused = FusedMobileViTV2.from_pretrained(tmp_path).eval()
+    assert sum(isinstance(m, SeparableAttention) for m in fused.modules()) == 9
+    fused_sd = fused.state_dict()
+    for name, t in expected.state_dict().items():
+        assert torch.equal(fused_sd[name], t), name
+    x = torch.randn(1, 3, 64, 64)
+    assert rel_err(hf_logits(fused, x), hf_logits(expected, x)) <= 1e-4
 
 
 class LinearSelfAttention(nn.Module):

@@ -245,6 +245,78 @@ def test_fuse_swaps_transformers_attention_in_place_with_the_same_weights(x):
         assert rel_err(hf(x).logits, expected) <= 1e-4
 
 
+def test_fuse_keeps_w_g_initialisable_by_transformers():
+    """transformers initialises a module's own parameters by its class
+    (``SwiftFormerPreTrainedModel._init_weights``: ``normal_(w_g)`` for its attention). A
+    model built on the meta device, fused, materialised and initialised gets every parameter
+    transformers gives the unfused model, ``w_g`` included, not the empty memory."""
+    models = []
+    for fuse in (False, True):
+        with torch.device("meta"):
+            model = hf_class()(hf_config())
+        if fuse:
+            assert fuse_(model) == 4
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        torch.manual_seed(0)
+        model.init_weights()
+        models.append(model)
+    unfused, fused = models
+    for (name, p), q in zip(fused.named_parameters(), unfused.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    attn = fused.swiftformer.encoder.network[0].blocks[-1].attn
+    assert isinstance(attn, EfficientAdditiveAttention)
+    assert isinstance(attn, type(unfused.swiftformer.encoder.network[0].blocks[-1].attn))
+
+
+def test_from_pretrained_initialises_a_missing_w_g_of_a_model_fused_in_init(tmp_path,
+                                                                          poison_empty):
+    """``from_pretrained`` builds on the meta device, allocates what the checkpoint lacks with
+    ``empty_like`` (NaN here) and initialises it with ``_init_weights``: a model that fuses in
+    its ``__init__`` gets the ``w_g`` transformers would draw, not the allocation."""
+
+    class FusedSwiftFormer(hf_class()):
+        def __init__(self, config):
+            super().__init__(config)
+            fuse_(self)
+
+    source = hf_swiftformer()
+    source.save_pretrained(tmp_path, state_dict={
+        k: v for k, v in source.state_dict().items() if not k.endswith(".w_g")})
+    torch.manual_seed(0)
+    expected = hf_class().from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    fused = FusedSwiftFormer.from_pretrained(tmp_path)
+    w_g = [(n, p) for n, p in fused.named_parameters() if n.endswith(".w_g")]
+    assert len(w_g) == 4
+    assert all(isinstance(m, EfficientAdditiveAttention) for n, m in fused.named_modules()
+               if n.endswith(".attn"))
+    for name, p in w_g:
+        assert p.isfinite().all(), name
+        assert torch.equal(p, expected.get_parameter(name)), name  # normal_(w_g), same draws
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(fused(x).logits, expected(x).logits) <= 1e-4
+
+
+def test_fused_transformers_model_copies_and_pickles(x):
+    """The swapped module's class joins ours and transformers' at run time: copies and pickles
+    rebuild it."""
+    import copy
+    import pickle
+
+    hf = hf_swiftformer()
+    fuse_(hf)
+    with torch.no_grad():
+        expected = hf(x).logits
+        for clone in (copy.deepcopy(hf), pickle.loads(pickle.dumps(hf))):
+            attn = clone.swiftformer.encoder.network[0].blocks[-1].attn
+            assert type(attn) is type(hf.swiftformer.encoder.network[0].blocks[-1].attn)
+            assert torch.equal(clone(x).logits, expected)
+
+
 def timm_attention(dim):
     """timm's module (same class name as ours), ``Tensor[B, C, H, W]`` in and out, as published."""
 

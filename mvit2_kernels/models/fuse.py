@@ -3,17 +3,22 @@
 Every attention module whose class name has a swapper in ``SWAPPERS`` is replaced, in place, by
 our fused module holding the *same* projection modules (so the same parameters, devices, dtypes
 and state-dict keys): optimizers, checkpoints and ``load_state_dict`` keep working.
+
+The replacement is also an instance of the class it replaces (see :func:`hosted_class`): host
+libraries dispatch on ``isinstance``, transformers' ``_init_weights`` among them, which is what
+initialises SwiftFormer's ``w_g`` when ``from_pretrained`` does not find it in a checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from torch import nn
 
 from ..nn import EfficientAdditiveAttention, SeparableAttention
 
-__all__ = ["SWAPPERS", "fuse_", "register_swapper"]
+__all__ = ["SWAPPERS", "fuse_", "hosted_class", "register_swapper"]
 
 Swapper = Callable[[nn.Module, bool, str], nn.Module]  # (module, fused, backend) -> replacement
 
@@ -44,6 +49,35 @@ SWAPPERS: dict[str, Swapper] = {
 }
 
 
+@functools.cache
+def hosted_class(ours: type[nn.Module], host: type[nn.Module]) -> type[nn.Module]:
+    """``Fused<host>``: a subclass of ``ours`` first (its methods, ``forward`` included, win)
+    and of ``host``, whose ``__init__`` never runs; one class per pair.
+
+    A swapped module takes this class so that the host library's ``isinstance`` checks still
+    see the module they built. transformers initialises parameters a module owns directly by
+    its class (``SwiftFormerEfficientAdditiveAttention`` -> ``normal_(w_g)``); without it,
+    ``from_pretrained`` of a model fused in ``__init__`` leaves a ``w_g`` that the checkpoint
+    lacks as the uninitialised memory it allocated for it.
+    """
+    return type(f"Fused{host.__name__}", (ours, host), {
+        "__module__": __name__,  # where pickle would look; _reduce_hosted spares it
+        "__doc__": f"{ours.__name__} in place of {host.__module__}.{host.__qualname__}.",
+        "__reduce_ex__": _reduce_hosted,
+        "_hosted": (ours, host),
+    })
+
+
+def _reduce_hosted(module: nn.Module, protocol: int):
+    # The class is made at run time, so pickle cannot find it by name: rebuild it from the two
+    # classes it joins (deepcopy goes through here as well).
+    return _rebuild_hosted, type(module)._hosted, module.__getstate__()
+
+
+def _rebuild_hosted(ours: type[nn.Module], host: type[nn.Module]) -> nn.Module:
+    return object.__new__(hosted_class(ours, host))
+
+
 def register_swapper(class_name: str, swapper: Swapper) -> None:
     """Make :func:`fuse_` replace modules of class ``class_name`` by ``swapper(module, fused,
     backend)``."""
@@ -61,6 +95,11 @@ def fuse_(model: nn.Module, *, fused: bool | str = True, backend: str = "auto") 
             ``"kernel"`` keeps the projections around the fused op (see
             :class:`~mvit2_kernels.nn.SeparableAttention`).
 
+    Each new module is an instance of both our class and the class it replaced (a
+    :func:`hosted_class`), so the host library's initialisation (transformers' ``init_weights``
+    and ``from_pretrained``) still reaches parameters the module holds itself, such as
+    SwiftFormer's ``w_g``.
+
     Returns:
         The number of modules swapped.
     """
@@ -73,5 +112,7 @@ def fuse_(model: nn.Module, *, fused: bool | str = True, backend: str = "auto") 
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         swapped = SWAPPERS[type(module).__name__](module, fused, backend)
+        if isinstance(swapped, ours) and swapped is not module:
+            swapped.__class__ = hosted_class(type(swapped), type(module))
         setattr(model.get_submodule(parent_name), child, swapped)
     return len(targets)
