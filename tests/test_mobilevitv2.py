@@ -66,15 +66,29 @@ def test_classifier_reproduces_transformers(width):
         assert rel_err(ours(x), hf(x).logits) <= 1e-4
 
 
-def test_deeplabv3_reproduces_transformers_at_output_stride_16():
-    hf = hf_segmenter(0.5, output_stride=16)
+@pytest.mark.parametrize("output_stride, size", [(8, 14), (16, 7), (32, 4), (64, 4)])
+def test_deeplabv3_reproduces_transformers_at_every_output_stride(output_stride, size):
+    """transformers dilates L4 and L5 at output stride 8, L5 at 16 and nothing at 32, its
+    default (and at any other value, which behaves as 32)."""
+    hf = hf_segmenter(0.5, output_stride=output_stride)
     ours = from_transformers(hf)
-    x = torch.randn(1, 3, 112, 112)  # 7×7 in the two last stages
+    assert ours.output_stride == min(output_stride, 32)
+    x = torch.randn(1, 3, 112, 112)  # 7×7 in L4 at output stride 32, in L4 and L5 at 16
     with torch.no_grad():
         expected = hf(x).logits
         actual = ours(x)
-    assert actual.shape == expected.shape == (1, 5, 7, 7)
+    assert actual.shape == expected.shape == (1, 5, size, size)
     assert rel_err(actual, expected) <= 1e-4
+
+
+def test_deeplabv3_at_output_stride_32_is_the_classification_backbone():
+    seg = mobilevitv2_deeplabv3(0.5, output_stride=32, upsample_logits=True).eval()
+    convs = [m for m in seg.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.dilation == (1, 1) for c in convs)
+    assert [c.stride for c in convs].count((2, 2)) == 5
+    with torch.no_grad():
+        assert seg.backbone.forward_features(torch.randn(1, 3, 64, 128)).shape[-2:] == (2, 4)
+        assert seg(torch.randn(1, 3, 64, 128)).shape == (1, 21, 64, 128)
 
 
 def block(odd_size, seed=0):
@@ -208,8 +222,8 @@ def test_bad_configurations():
         mobilevitv2(0.6)
     with pytest.raises(ValueError, match="output_stride"):
         mobilevitv2(0.5, output_stride=4)
-    with pytest.raises(ValueError, match="output_stride"):
-        mobilevitv2_deeplabv3(0.5, output_stride=32)
+    with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32, got 4"):
+        mobilevitv2_deeplabv3(0.5, output_stride=4)
     with pytest.raises(ValueError, match="odd_size"):
         mobilevitv2(0.5, odd_size="pad")
 

@@ -4,6 +4,10 @@ The head is the one of ml-cvnets and transformers: four ASPP branches (1×1 and 
 conv-BN-ReLU) plus image pooling, concatenated, projected by a 1×1 conv-BN-ReLU, then a 1×1
 classifier. transformers returns these low-resolution logits; ml-cvnets upsamples them by the
 output stride inside the head (``upsample_logits=True``).
+
+The backbone keeps its strides down to ``output_stride`` and dilates the stages past it: 8
+dilates L4 and L5, 16 dilates L5, 32 (transformers' default, also for segmentation) dilates
+nothing, so the head sees the classifier's 1/32 features.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class MobileViTv2DeepLabV3(nn.Module):
     Args:
         width: width multiplier of the backbone.
         num_classes: segmentation classes (21 for Pascal VOC, 151 for ADE20k releases).
-        output_stride: 16 or 8.
+        output_stride: 8, 16 or 32 (undilated: the classification backbone).
         aspp_channels, atrous_rates, aspp_dropout, classifier_dropout: head settings (the
             released checkpoints use 512, (6, 12, 18), 0.1, 0.1).
         upsample_logits: upsample the logits by ``output_stride`` (bilinear,
@@ -67,8 +71,8 @@ class MobileViTv2DeepLabV3(nn.Module):
                  classifier_dropout: float = 0.1, upsample_logits: bool = False,
                  **backbone_kwargs) -> None:
         super().__init__()
-        if output_stride not in (8, 16):
-            raise ValueError(f"output_stride must be 8 or 16 for segmentation, got {output_stride}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         self.output_stride = output_stride
         self.upsample_logits = upsample_logits
         self.backbone = MobileViTv2(

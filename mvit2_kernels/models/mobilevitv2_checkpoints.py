@@ -178,18 +178,21 @@ def _from_hf(hf_model: nn.Module, *, fused: bool = True, backend: str = "auto") 
     if bad:
         raise ValueError(f"from_transformers supports the released MobileViTV2 architecture "
                          f"({_HF_FIXED}, hidden_act='swish'); this config differs: {bad}")
+    # transformers dilates L4 and L5 for output_stride 8, L5 for 16, and nothing for any other
+    # value: the backbone then has the classifier's stride, 32.
+    output_stride = cfg.output_stride if cfg.output_stride in (8, 16) else 32
     common = dict(fused=fused, backend=backend, odd_size="floor", dilate_block_conv=False,
                   patch_size=cfg.patch_size, attn_dropout=cfg.attn_dropout,
                   ffn_dropout=cfg.ffn_dropout)
     if type(hf_model).__name__ == "MobileViTV2ForSemanticSegmentation":
         model = MobileViTv2DeepLabV3(
-            cfg.width_multiplier, cfg.num_labels, cfg.output_stride,
+            cfg.width_multiplier, cfg.num_labels, output_stride,
             aspp_channels=cfg.aspp_out_channels, atrous_rates=tuple(cfg.atrous_rates),
             aspp_dropout=cfg.aspp_dropout_prob, classifier_dropout=cfg.classifier_dropout_prob,
             **common)
     else:
-        model = MobileViTv2(cfg.width_multiplier, cfg.num_labels,
-                            output_stride=cfg.output_stride, **common)
+        model = MobileViTv2(cfg.width_multiplier, cfg.num_labels, output_stride=output_stride,
+                            **common)
     sd = convert_state_dict(hf_model.state_dict(), "transformers", family=FAMILY, model=model)
     model.load_state_dict(sd)
     return model
