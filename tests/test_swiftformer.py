@@ -317,6 +317,27 @@ def test_fused_transformers_model_copies_and_pickles(x):
             assert torch.equal(clone(x).logits, expected)
 
 
+def test_meta_built_model_is_initialised_by_reset_parameters(poison_empty):
+    """``to_empty`` + every module's ``reset_parameters`` (FSDP's meta-device initialisation)
+    leaves no parameter as the NaN-filled allocation: the layer scales get their init values."""
+    with torch.device("meta"):
+        model = ours_small(layer_scale_init=0.25)
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    for name, p in model.named_parameters():
+        if name.endswith(".attn.w_g"):
+            continue  # EfficientAdditiveAttention's own parameter: mvit2_kernels.nn resets it
+        assert p.isfinite().all(), name
+    for i, stage in enumerate(model.stages):
+        *encoders, block = stage.blocks
+        assert all(torch.equal(e.layer_scale, torch.ones_like(e.layer_scale)) for e in encoders)
+        assert torch.equal(block.local_representation.layer_scale,
+                           torch.ones_like(block.layer_scale_1)), i
+        assert (block.layer_scale_1 == 0.25).all() and (block.layer_scale_2 == 0.25).all(), i
+
+
 def timm_attention(dim):
     """timm's module (same class name as ours), ``Tensor[B, C, H, W]`` in and out, as published."""
 

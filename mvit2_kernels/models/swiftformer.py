@@ -59,6 +59,12 @@ def _layer_scale(dim: int, value: float) -> nn.Parameter:
     return nn.Parameter(torch.full((dim, 1, 1), float(value)))
 
 
+# The layer scales are parameters of the blocks themselves, which no torch module resets: the
+# blocks' ``reset_parameters`` refill them, so a model built on the meta device, materialised
+# with ``to_empty`` and reset module by module (FSDP's meta-device initialisation) holds no
+# uninitialised memory.
+
+
 class ConvEncoder(nn.Module):
     """3×3 depthwise conv → BN → 1×1 conv → GELU → 1×1 conv, scaled per channel, plus the
     input. With ``hidden = dim`` it is also the encoder's local representation."""
@@ -74,6 +80,10 @@ class ConvEncoder(nn.Module):
         self.pwconv2 = nn.Conv2d(hidden, dim, 1)
         self.layer_scale = _layer_scale(dim, 1.0)
         self.drop_path = DropPath(drop_path)
+
+    def reset_parameters(self) -> None:
+        """``layer_scale`` to 1 (its submodules reset themselves)."""
+        nn.init.ones_(self.layer_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
@@ -116,9 +126,15 @@ class SwiftFormerBlock(nn.Module):
         self.local_representation = ConvEncoder(dim, dim, bn_eps=bn_eps)
         self.attn = EfficientAdditiveAttention(dim, variant=variant, fused=fused, backend=backend)
         self.linear = Mlp(dim, int(dim * mlp_ratio), drop=drop, bn_eps=bn_eps)
+        self.layer_scale_init = layer_scale_init
         self.layer_scale_1 = _layer_scale(dim, layer_scale_init)
         self.layer_scale_2 = _layer_scale(dim, layer_scale_init)
         self.drop_path = DropPath(drop_path)
+
+    def reset_parameters(self) -> None:
+        """``layer_scale_1/2`` to ``layer_scale_init`` (its submodules reset themselves)."""
+        nn.init.constant_(self.layer_scale_1, self.layer_scale_init)
+        nn.init.constant_(self.layer_scale_2, self.layer_scale_init)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.local_representation(x)
