@@ -234,9 +234,11 @@ def additive_attention_backward_reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward op's contract: ``(dq, dk, dw_g)`` in the input dtype, derived by hand.
 
-    With ``r = max(||x||, eps)`` the backward of ``xn = x / r`` is
-    ``(dxn - xn (xn . dxn)) / r`` where ``||x|| >= eps`` and ``dxn / eps`` where it is clamped
-    (autograd's clamp_min passes the gradient at equality). Per batch:
+    With ``r = max(||x||, eps)`` the backward of ``xn = x / r`` is ``dxn / eps`` where
+    ``||x|| < eps`` (clamped) and ``(dxn - xn (xn . dxn)) / r`` otherwise: at equality, as
+    autograd's clamp_min passes the gradient there, and where the norm is NaN, which the full
+    formula carries into every element (a test ``||x|| >= eps`` would be false for NaN and give
+    the clamped branch's finite values). Per batch:
 
         dG      = sum_n grad_out[n] * kn[n]                  dkn[n] = grad_out[n] * G
         dalpha  = qn . dG
@@ -258,8 +260,8 @@ def additive_attention_backward_reference(
     if variant == "normalize":
         ra = a_norm.clamp_min(ADDITIVE_EPS)[:, None]
         dot = (dg * g).sum(dim=-1, keepdim=True)
-        da = torch.where(a_norm[:, None] >= ADDITIVE_EPS, (dalpha - alpha * dot) / ra,
-                         dalpha / ADDITIVE_EPS)
+        da = torch.where(a_norm[:, None] < ADDITIVE_EPS, dalpha / ADDITIVE_EPS,
+                         (dalpha - alpha * dot) / ra)  # NaN ||a||: the full, NaN, branch
     else:
         da = alpha * (dalpha - alpha * dalpha)
     dqn = gq + alpha[..., None] * dg[:, None, :] + (da * scale)[..., None] * wf[:, 0]
@@ -283,5 +285,6 @@ def _normalize_with_norm(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _normalize_backward(dxn: Tensor, xn: Tensor, norm: Tensor) -> Tensor:
+    """The clamped branch only where ``norm < eps``: a NaN norm takes the full one, NaN."""
     full = (dxn - xn * (xn * dxn).sum(dim=-1, keepdim=True)) / norm.clamp_min(ADDITIVE_EPS)
-    return torch.where(norm >= ADDITIVE_EPS, full, dxn / ADDITIVE_EPS)
+    return torch.where(norm < ADDITIVE_EPS, dxn / ADDITIVE_EPS, full)

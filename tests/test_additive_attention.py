@@ -209,6 +209,60 @@ def test_non_finite_values_propagate_like_the_reference(backend, variant):
         )
 
 
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+NON_FINITE_INPUTS = ["q", "k", "w_g", "grad_out", "grad_qn"]
+
+
+def one_non_finite(where, value, device, shape=(2, 20, 18)):
+    """q, k, w_g, grad_out, grad_qn in float32 with `value` at one element of `where` (batch 1
+    for the [B, N, D] tensors: batch 0 stays finite). Under Triton's interpreter the shape spans
+    two token chunks, two D tiles and rows past N in the last row tile."""
+    q, k, w, _ = make_qkw(shape, torch.float32, device)
+    grads = grads_for(shape, torch.float32, device)
+    tensors = dict(zip(NON_FINITE_INPUTS, (q, k, w, *grads), strict=True))
+    t = tensors[where]
+    t[(1, 13, 17) if t.dim() == 3 else (11, 0)] = value
+    return tensors
+
+
+def assert_same_non_finite(got, expected, names):
+    """NaN exactly where expected has it; inf and the finite values equal or close."""
+    for name, a, b in zip(names, got, expected, strict=True):
+        differ = a.isnan() ^ b.isnan()
+        assert not differ.any(), f"{name}: NaN on one side only at {differ.nonzero().tolist()}"
+        torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _contract(backend):
+    """The forward and backward ops of a backend, or the reference's contract functions."""
+    if backend == "reference":
+        return additive_attention_forward_reference, additive_attention_backward_reference
+    return _ops(backend)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("where", NON_FINITE_INPUTS)
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
+def test_one_non_finite_element_gives_autograds_nan_pattern(backend, variant, where, value):
+    """DESIGN §5 for each input and incoming gradient in turn: the outputs, the saved G and ||a||,
+    and dq, dk, dw_g have NaN exactly where autograd through the published maths (and the forward
+    contract) has it, and equal values elsewhere. A clamp's branch taken on a false comparison
+    (``||k|| >= eps`` for a NaN norm) would give finite gradients there instead."""
+    t = one_non_finite(where, value, "cpu" if backend == "reference" else device_of(backend))
+    q, k, w = (t[name].requires_grad_() for name in ("q", "k", "w_g"))
+    outs = additive_attention_reference(q, k, w, variant)
+    expected = (*outs, *torch.autograd.grad(outs, (q, k, w), (t["grad_out"], t["grad_qn"])))
+    q, k, w = (x.detach() for x in (q, k, w))
+    fwd, bwd = _contract(backend)
+    out, qn, g, a_norm = fwd(q, k, w, variant)
+    dq, dk, dw = bwd(t["grad_out"], t["grad_qn"], q, k, w, g, a_norm, variant)
+    assert_same_non_finite((out, qn, dq, dk, dw), expected, ("out", "qn", "dq", "dk", "dw_g"))
+    assert_same_non_finite(
+        (g, a_norm), additive_attention_forward_reference(q, k, w, variant)[2:], ("g", "a_norm")
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_is_deterministic(backend):
     N = 100 if backend in INTERPRETED else 700  # several chunks either way

@@ -116,10 +116,11 @@ std::vector<at::opmath_type<scalar_t>> load_w(const at::Tensor& w_g) {
   return w;
 }
 
-// std::max(NaN, eps) is NaN (the comparison is false), as torch's clamp_min propagates NaN.
+// max(x, eps) that keeps NaN, as torch's clamp_min: x < eps is false for NaN. (std::max(x, eps)
+// would too, but only by its argument order; fmax would drop the NaN.)
 template <typename acc_t>
 inline acc_t clamp_eps(acc_t x) {
-  return std::max(x, static_cast<acc_t>(kAdditiveEps));
+  return x < static_cast<acc_t>(kAdditiveEps) ? static_cast<acc_t>(kAdditiveEps) : x;
 }
 
 template <typename scalar_t>
@@ -192,18 +193,19 @@ void additive_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
   });
 }
 
-// The backward of xn = x / max(||x||, eps) given dxn (in `y`, overwritten with dx):
-// (dxn - xn (xn . dxn)) / ||x|| where ||x|| >= eps, else dxn / eps (autograd's clamp_min
-// passes the gradient at equality and blocks it below).
+// The backward of xn = x / max(||x||, eps) given dxn (in `y`, overwritten with dx): dxn / eps
+// where ||x|| < eps (autograd's clamp_min blocks the norm's gradient below eps), else
+// (dxn - xn (xn . dxn)) / ||x||: at equality, where clamp_min passes it, and for a NaN norm,
+// which that formula spreads over the row as autograd does (`norm >= eps` is false for NaN).
 template <typename acc_t>
 void normalize_backward_inplace(acc_t* y, const acc_t* x, acc_t norm, acc_t inv, int64_t D) {
   using V = Vec<acc_t>;
-  if (norm >= static_cast<acc_t>(kAdditiveEps)) {
-    const acc_t c = inv * inv * inv * dot(x, y, D);  // xn (xn . dxn) / ||x|| = c x
-    at::vec::map2([inv, c](V d, V v) { return d * V(inv) - v * V(c); }, y, y, x, D);
-  } else {
+  if (norm < static_cast<acc_t>(kAdditiveEps)) {
     const V e(static_cast<acc_t>(kAdditiveEps));
     at::vec::map([e](V d) { return d / e; }, y, y, D);
+  } else {
+    const acc_t c = inv * inv * inv * dot(x, y, D);  // xn (xn . dxn) / ||x|| = c x
+    at::vec::map2([inv, c](V d, V v) { return d * V(inv) - v * V(c); }, y, y, x, D);
   }
 }
 
@@ -277,8 +279,9 @@ void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Te
         acc_t alpha, da;
         if (variant == AdditiveVariant::kNormalize) {
           alpha = a / ra_c;
-          da = ra >= static_cast<acc_t>(kAdditiveEps) ? (dalpha - alpha * dgg[b]) / ra_c
-                                                      : dalpha / static_cast<acc_t>(kAdditiveEps);
+          // Clamped only where ||a|| < eps: a NaN ||a|| takes the full branch, NaN.
+          da = ra < static_cast<acc_t>(kAdditiveEps) ? dalpha / static_cast<acc_t>(kAdditiveEps)
+                                                     : (dalpha - alpha * dgg[b]) / ra_c;
         } else {  // softmax's backward on a size-1 axis: 0 for every finite weight
           alpha = std::exp(a - a);
           da = alpha * (dalpha - alpha * dalpha);

@@ -84,13 +84,14 @@ __device__ __forceinline__ at::opmath_type<scalar_t> ld(const scalar_t* p) {
 }
 
 // The backward of xn = x / max(||x||, eps) for one element, given dxn and t = x . dxn of its row:
-// (dxn - xn (xn . dxn)) / ||x|| where ||x|| >= eps, else dxn / eps (autograd's clamp_min passes
-// the gradient at equality).
+// dxn / eps where ||x|| < eps, else (dxn - xn (xn . dxn)) / ||x||: at equality, where autograd's
+// clamp_min passes the gradient, and for a NaN norm, which that formula spreads over the row as
+// autograd does (`norm >= eps` is false for NaN).
 template <typename acc_t>
 __device__ __forceinline__ acc_t normalize_backward(acc_t dxn, acc_t x, acc_t norm, acc_t inv,
                                                     acc_t t) {
-  return norm >= acc_t(kAdditiveEps) ? dxn * inv - x * (inv * inv * inv * t)
-                                     : dxn / acc_t(kAdditiveEps);
+  return norm < acc_t(kAdditiveEps) ? dxn / acc_t(kAdditiveEps)
+                                    : dxn * inv - x * (inv * inv * inv * t);
 }
 
 // Where a block works: batch b, tokens [n0, n1) of chunk `task`, features d0 + lane + 32 v.
@@ -303,8 +304,9 @@ __global__ void __launch_bounds__(kThreads)
       da = alpha * (dalpha - alpha * dalpha);
     } else {
       alpha = av / ra_c;
-      da = ra >= acc_t(kAdditiveEps) ? (dalpha - alpha * dgg) / ra_c
-                                     : dalpha / acc_t(kAdditiveEps);
+      // Clamped only where ||a|| < eps: a NaN ||a|| takes the full branch, NaN.
+      da = ra < acc_t(kAdditiveEps) ? dalpha / acc_t(kAdditiveEps)
+                                    : (dalpha - alpha * dgg) / ra_c;
     }
     const acc_t das = da * scale;
     const auto dqn = [&](int64_t d) { return ld(gq + d) + alpha * dG[d] + das * ld(a.w + d * a.w_s); };

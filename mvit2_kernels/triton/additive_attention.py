@@ -100,7 +100,9 @@ def _additive_attention_forward_kernel(
                                  BLOCK_N, BLOCK_D, ACC)
         inv = 1.0 / _clamp_eps(tl.sqrt(ss), EPS)
         a = xw * inv * scale
-        ss_a += a * a  # rows past N have a = 0
+        # Rows past N load as 0, but their a is 0 * w_g: NaN where w_g is inf. Masked, so that
+        # ||a|| is inf (not NaN) then, like the reference's.
+        ss_a += tl.where(r_mask, a * a, 0.0)
         if SOFTMAX:  # softmax over a size-1 axis: exp(a - a) = 1, or NaN where a is not finite
             weight = tl.exp(a - a)
         else:
@@ -171,10 +173,12 @@ def _additive_attention_forward_out_kernel(
 
 @triton.jit
 def _normalize_backward(dxn, x, norm, inv, t, EPS: tl.constexpr):
-    """Backward of x / max(||x||, eps) given dxn and t = x . dxn per row: (dxn - xn (xn . dxn))
-    / ||x|| where ||x|| >= eps, else dxn / eps (autograd's clamp_min passes at equality)."""
+    """Backward of x / max(||x||, eps) given dxn and t = x . dxn per row: dxn / eps where
+    ||x|| < eps, else (dxn - xn (xn . dxn)) / ||x||: at equality (autograd's clamp_min passes
+    there) and for a NaN norm, which that formula spreads over the row as autograd does
+    (``norm >= eps`` is false for NaN)."""
     full = dxn * inv[:, None] - x * (inv * inv * inv * t)[:, None]
-    return tl.where((norm >= EPS)[:, None], full, dxn / EPS)
+    return tl.where((norm < EPS)[:, None], dxn / EPS, full)
 
 
 @_autotune(_WARPS, key=["N", "D"])
@@ -269,7 +273,8 @@ def _additive_attention_backward_dq_kernel(
         else:
             ra_c = _clamp_eps(ra, EPS)
             alpha = a / ra_c
-            da = tl.where(ra >= EPS, (dalpha - alpha * dgg) / ra_c, dalpha / EPS)
+            # Clamped only where ||a|| < eps: a NaN ||a|| takes the full branch, NaN.
+            da = tl.where(ra < EPS, dalpha / EPS, (dalpha - alpha * dgg) / ra_c)
         das = tl.where(r_mask, da * scale, 0.0)
         t = tl.zeros([BLOCK_N], ACC)  # q . dqn, over every D tile
         for d0 in range(0, D, BLOCK_D):
