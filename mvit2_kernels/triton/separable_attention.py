@@ -62,18 +62,26 @@ def _tracing(t: Tensor) -> bool:
 
 
 @triton.jit
+def _max_nan(a, b):
+    # torch.max propagates NaN; tl.maximum (by default) and tl.max drop it on a GPU. The same
+    # select as csrc/cuda/common.cuh's max_nan.
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
 def _softmax_stats(q_row, N, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
     """Max and 1/sum of exp(q - max) over a row of N, in ACC, two passes of BLOCK_N tiles.
 
     Two passes rather than an online rescale: a leading tile of -inf would otherwise turn the
-    running sum into NaN where torch.softmax gives a finite result.
+    running sum into NaN where torch.softmax gives a finite result. A NaN score makes the max
+    NaN, and so every s[n], as in csrc/cuda/common.cuh's softmax_stats.
     """
     offs = tl.arange(0, BLOCK_N)
     mx = tl.full([BLOCK_N], float("-inf"), ACC)
     for n0 in range(0, N, BLOCK_N):
         x = tl.load(q_row + n0 + offs, mask=n0 + offs < N, other=float("-inf")).to(ACC)
-        mx = tl.maximum(mx, x)
-    m = tl.max(mx, axis=0)
+        mx = _max_nan(mx, x)
+    m = tl.reduce(mx, 0, _max_nan)
     acc = tl.zeros([BLOCK_N], ACC)
     for n0 in range(0, N, BLOCK_N):
         mask = n0 + offs < N
