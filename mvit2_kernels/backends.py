@@ -7,6 +7,7 @@ when it cannot run the given tensors.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -14,17 +15,50 @@ import torch
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 try:
-    from . import _C  # registers torch.ops.mvit2.* (CPU, and CUDA when built)
+    from . import _C  # registers the torch.ops.mvit2.* schemas (and the CUDA kernels when built)
 except ImportError as _e:  # not built: only the reference (and Triton) remain
     _C = None
     _C_ERROR: str | None = str(_e)
 else:
     _C_ERROR = None
 
+# The CPU kernels are built once per instruction set (setup.py, csrc/build.json): import the
+# best build this CPU runs, as torch judges it (ATEN_CPU_CAPABILITY=avx2 lowers both), or a
+# single build made for this machine (MVIT2_CPU_ISA=native).
+_CPU_ISA_ORDER = {"AVX512": ("avx512", "avx2", "generic"), "AVX2": ("avx2", "generic")}
+
+
+def _import_cpu_kernels():
+    if _C is None:
+        return None, _C_ERROR
+    capability = torch.backends.cpu.get_cpu_capability()
+    tried = []
+    for isa in ("native", *_CPU_ISA_ORDER.get(capability, ("generic",))):
+        try:
+            return importlib.import_module(f"{__package__}._cpu_{isa}"), None
+        except ImportError as e:
+            tried.append(f"_cpu_{isa}: {e}")
+    return None, (f"no CPU kernel build runs on this CPU (torch reports {capability}); "
+                  f"tried {'; '.join(tried)}")
+
+
+_CPU, _CPU_ERROR = _import_cpu_kernels()
+
+
+def compiled() -> bool:
+    """Whether the C++ extension is built: the ``torch.ops.mvit2`` schemas are registered."""
+    return _C is not None
+
 
 def compiled_cpu() -> bool:
-    """Whether the C++ extension (and with it the CPU kernels) is built and importable."""
-    return _C is not None
+    """Whether the CPU kernels are built and importable on this CPU."""
+    return _CPU is not None
+
+
+def cpu_isa() -> str | None:
+    """The instruction set of the CPU kernels in use (``"avx512"``, ``"avx2"``, ``"generic"``
+    or ``"native"``), or None where they are not available."""
+    return None if _CPU is None else _CPU.isa
 
 
 def compiled_cuda() -> bool:
@@ -78,7 +112,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not compiled_cpu():
             raise RuntimeError(
                 f"backend='cpu' needs the C++ extension, which failed to import: "
-                f"{_C_ERROR} (reinstall with `pip install --no-build-isolation .`)"
+                f"{_CPU_ERROR} (reinstall with `pip install --no-build-isolation .`)"
             )
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' runs CPU tensors, got tensors on {device}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Compiles every csrc/cuda/*.cu to an object file for sm_80 and sm_90 with nvcc, against the
-# installed torch's headers: a CUDA compile error (or a warning in our code) fails CI on machines
-# with no GPU and a CPU build of torch, since nothing is linked.
+# Compiles every csrc/cuda/*.cu to an object file with nvcc, for the architectures of
+# csrc/build.json (sm_80, sm_90), against the installed torch's headers: a CUDA compile error
+# (or a warning in our code) fails CI on machines with no GPU and a CPU build of torch, since
+# nothing is linked.
 #   bash scripts/compile_cuda.sh   # VERBOSE=1 prints registers, spills and shared memory per kernel
 # Environment: NVCC (default nvcc), PYTHON (default python3), EXTRA_NVCC_FLAGS.
 set -euo pipefail
@@ -11,20 +12,26 @@ nvcc="${NVCC:-nvcc}"
 python="${PYTHON:-python3}"
 command -v "$nvcc" >/dev/null || { echo "compile_cuda.sh: $nvcc not found (set NVCC)" >&2; exit 2; }
 
-# torch's include dirs (as system headers, so their warnings stay theirs) and the flags its
-# CUDAExtension gives nvcc (-D__CUDA_NO_HALF_OPERATORS__ and friends, --expt-relaxed-constexpr).
+# torch's include dirs (as system headers, so their warnings stay theirs), the flags its
+# CUDAExtension gives nvcc (-D__CUDA_NO_HALF_OPERATORS__ and friends, --expt-relaxed-constexpr),
+# and ours from csrc/build.json (C++ standard, nvcc flags, architectures), as setup.py and CMake.
 mapfile -t torch_flags < <("$python" -c '
+import json, sys
 from torch.utils import cpp_extension as c
+build = json.load(open(sys.argv[1]))
 for d in c.include_paths(): print(f"-isystem={d}")
 print(*c.COMMON_NVCC_FLAGS, sep="\n")
-')
+print("-std=c++" + str(build["cxx_standard"]), *build["nvcc_flags"], sep="\n")
+for a in build["cuda_archs"]:
+    sm = a.replace(".", "")
+    print(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+' "$root/csrc/build.json")
 ((${#torch_flags[@]})) || { echo "compile_cuda.sh: cannot import torch with $python" >&2; exit 2; }
 
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 # The CPU wheel lacks c10/cuda/impl/cuda_cmake_macros.h: C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it.
-flags=(-std=c++20 -O3 -DMVIT2_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
-  -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
+flags=(-DMVIT2_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
   -Xcompiler=-Wall,-Wextra,-Werror -Werror=all-warnings
   "${torch_flags[@]}")
 [[ "${VERBOSE:-0}" == 1 ]] && flags+=(--resource-usage)
@@ -38,7 +45,7 @@ start=$SECONDS
 for src in "${sources[@]}"; do
   t0=$SECONDS
   "$nvcc" "${flags[@]}" -c "$src" -o "$out/$(basename "${src%.cu}").o"
-  echo "compiled ${src#"$root"/} for sm_80 and sm_90 in $((SECONDS - t0)) s"
+  echo "compiled ${src#"$root"/} in $((SECONDS - t0)) s"
 done
 echo "compile_cuda.sh: ${#sources[@]} file(s) OK in $((SECONDS - start)) s" \
   "($("$nvcc" --version | tail -1))"
