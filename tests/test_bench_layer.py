@@ -1,9 +1,8 @@
 """``mvit2-bench layer`` and the model benchmark's layer-fusion impls: the layer command runs
-every implementation of the attention layer, prints its table, writes the documented JSON schema
-(docs/performance.md) and a PNG, renders a report, and rejects bad filters clearly.
+every implementation of the attention layer in rounds, prints its table, writes the documented
+JSON schema (docs/performance.md) and a PNG, and rejects bad filters clearly.
 
-One tiny custom shape keeps the file to seconds (plus two small compiles per pass). No test looks
-at a time.
+One tiny custom shape keeps the file to seconds (plus small compiles). No test looks at a time.
 """
 
 from __future__ import annotations
@@ -11,11 +10,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 
 import pytest
+import torch
 from fixtures.optional import optional
-from test_bench_cli import ENVIRONMENT, OP_ROW, OPS_SETTINGS, TOP, assert_fields, run_cli
+from test_bench_cli import ENVIRONMENT, OP_ROW, OPS_SETTINGS, PNG, TOP, assert_fields, run_cli
 
+from mvit2_kernels import SeparableAttention
 from mvit2_kernels.bench import layer
 from mvit2_kernels.bench.cli import main
 
@@ -26,14 +28,10 @@ IMPLS = ["fused-layer", "fused-kernel", "eager", "compile", "fused-layer+compile
 
 # The layer's rows and settings: the kernel benchmark's, less what only an op has (its bytes,
 # the copy floor, the op's name), plus the backend the fused impls ran.
-LAYER_ROW = {
-    k: t
-    for k, t in OP_ROW.items()
-    if k not in ("op", "bytes", "gbps", "floor_ms", "floor_fraction")
-} | {"round_ms": list}
+OP_ONLY = ("op", "bytes", "gbps", "floor_ms", "floor_fraction")
+LAYER_ROW = {k: t for k, t in OP_ROW.items() if k not in OP_ONLY}
 LAYER_SETTINGS = {
     **{k: t for k, t in OPS_SETTINGS.items() if k not in ("ops", "additive_variant")},
-    "repeat": int,
     "backend": str,
     "resolved_backend": str,
 }
@@ -44,9 +42,8 @@ def layer_run(tmp_path_factory):
     """One ``--quick`` layer run on the CPU at one tiny shape, every impl and both passes, each
     timed in two rounds."""
     out = tmp_path_factory.mktemp("layer")
-    argv = ["layer", "--device", "cpu", "--quick", "--shape", SHAPE, "--backend", BACKEND]
-    argv += ["--repeat", "2"]
-    argv += ["--no-progress", "--json", str(out / "layer.json")]
+    argv = ["layer", "--device", "cpu", "--quick", "--shape", SHAPE, "--backend", BACKEND,
+            "--repeat", "2", "--no-progress", "--json", str(out / "layer.json")]
     if HAS_MATPLOTLIB:
         argv += ["--plot", str(out / "layer.png")]
     stdout = run_cli(*argv)
@@ -66,29 +63,19 @@ def test_default_shapes_are_the_attention_stages_of_mobilevitv2_1_0():
     assert quick == ["w1.0-256px-L3-B1", "w1.0-256px-L3-B256"]
 
 
-def test_layer_run_prints_a_row_per_impl_and_pass(layer_run):
+def test_layer_run_prints_a_compare_table_per_pass(layer_run):
     stdout, _, _ = layer_run
     lines = stdout.splitlines()
-    (at,) = [i for i, line in enumerate(lines) if line.startswith("shape")]
-    assert lines[at].split() == [
-        "shape",
-        "B",
-        "D",
-        "N",
-        "dtype",
-        "pass",
-        "impl",
-        "ms",
-        "×eager",
-        "×compile",
-    ]
-    rows = [line.split() for line in lines[at + 2 :] if line.startswith(NAME)]
-    assert [r[:4] for r in rows] == [[NAME, "2", "8", "16"]] * 2 * len(IMPLS)
-    assert [(r[5], r[6]) for r in rows] == [(p, i) for p in ("fwd", "fwd+bwd") for i in IMPLS]
-    # The baselines against themselves: exactly 1, whatever the times.
-    eager = [r for r in rows if r[6] == "eager"]
-    compiled = [r for r in rows if r[6] == "compile"]
-    assert {r[8] for r in eager} == {"1.00"} and {r[9] for r in compiled} == {"1.00"}
+    for pass_ in ("forward", "forward+backward"):
+        (at,) = [i for i, line in enumerate(lines) if f" attention layer, fp32, {pass_} " in line]
+        header, _, row = lines[at + 1 : at + 4]
+        assert header.replace("|", " ").split() == IMPLS
+        assert row.split()[0] == NAME and len(row.split("|")) == 1 + len(IMPLS)
+        # The derived figures of every impl but the baselines, against both baselines.
+        derived = [line for line in lines[at + 4 :] if line.startswith(f"  {NAME}  ")]
+        assert [d.split()[1] for d in derived[:3]] == ["fused-layer:", "fused-kernel:",
+                                                       "fused-layer+compile:"]
+        assert all(" ×eager, " in d and d.endswith(" ×compile") for d in derived[:3])
 
 
 def test_layer_json_follows_the_documented_schema(layer_run):
@@ -110,7 +97,7 @@ def test_layer_json_follows_the_documented_schema(layer_run):
         assert row["median_ms"] > 0 and row["repeats"] >= 2 and row["rotated_sets"] >= 1
         # --repeat 2: the figure is the median of the two rounds' medians
         assert len(row["round_ms"]) == 2
-        assert math.isclose(row["median_ms"], sum(row["round_ms"]) / 2)
+        assert math.isclose(row["median_ms"], statistics.median(row["round_ms"]))
         same = {r["impl"]: r["median_ms"] for r in doc["rows"] if r["pass"] == row["pass"]}
         assert math.isclose(row["speedup_vs_eager"], same["eager"] / row["median_ms"])
         assert math.isclose(row["speedup_vs_compile"], same["compile"] / row["median_ms"])
@@ -119,28 +106,12 @@ def test_layer_json_follows_the_documented_schema(layer_run):
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="--plot needs matplotlib (in the test extra)")
 def test_layer_plot_is_a_png(layer_run):
     _, _, out = layer_run
-    assert (out / "layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_report_renders_a_layer_table_per_pass(layer_run):
-    _, _, out = layer_run
-    text = run_cli("report", str(out / "layer.json"))
-    assert text.startswith("### Attention layer: ")
-    assert "**fp32, fwd**" in text and "**fp32, fwd+bwd**" in text
-    header = "| shape | D | N | eager ms | compile ms | fused-layer ms | fused-layer ×eager | "
-    assert text.count(header) == 2
-    for line in (line for line in text.splitlines() if line.startswith(f"| {NAME} |")):
-        # shape, D, N, two baselines, then three cells for each of the three other impls
-        assert line.count("|") == 1 + 3 + 2 + 3 * 3 and line.startswith(f"| {NAME} | 8 | 16 |")
+    assert (out / "layer.png").read_bytes()[:8] == PNG
 
 
 def test_layer_impls_share_parameters_and_compute_the_same_layer():
     """Every impl is the same layer: equal outputs for the same parameters (the speed-ups
     compare like with like)."""
-    import torch
-
-    from mvit2_kernels import SeparableAttention
-
     torch.manual_seed(0)
     state = SeparableAttention(8).state_dict()
     x = torch.randn(2, 8, 4, 16)
@@ -152,10 +123,6 @@ def test_layer_impls_share_parameters_and_compute_the_same_layer():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_layer_module_takes_the_dtype_and_values_of_its_parameters(impl):
-    import torch
-
-    from mvit2_kernels import SeparableAttention
-
     state = {k: v.to(torch.bfloat16) for k, v in SeparableAttention(8).state_dict().items()}
     module = layer.layer_module(impl, state, 8, BACKEND, training=False)
     got = getattr(module, "_orig_mod", module).state_dict()  # compiled lazily: nothing runs

@@ -1,8 +1,6 @@
-"""Benchmarks of the fused kernels and of whole models: the ``mvit2-bench`` command.
-
-``python -m mvit2_kernels.bench`` (or ``mvit2-bench``) times the kernels on the best device;
-``... model`` times MobileViTv2 (and SwiftFormer) end to end; ``... report`` renders result files
-as Markdown. See docs/performance.md for the method, the columns and the JSON schema.
+"""The ``mvit2-bench`` command (also ``python -m mvit2_kernels.bench``): the kernels, the attention
+layer and whole models against eager PyTorch, ``torch.compile`` and the memory-copy floor. See
+docs/performance.md for the method, the columns and the JSON schema.
 """
 
 from .cli import main

@@ -1,313 +1,314 @@
 """``mvit2-bench``: what the fused kernels buy on this machine.
 
-    mvit2-bench [ops] [--quick] [--op ...] [--backend ...] [--dtype ...] [--shape ...]
-                [--json P] [--plot P]
-    mvit2-bench layer [--quick] [--shape ...] [--dtype ...] [--impl ...] [--json P] [--plot P]
-    mvit2-bench model [--quick] [--width ...] [--json P] [--plot P]
-    mvit2-bench report RESULT.json ... [--update docs/performance.md]
+    mvit2-bench [ops] [--quick] [--op ...] [--backend ...] [--dtype ...] [--shape ...] [--pass ...]
+    mvit2-bench layer [--quick] [--shape ...] [--dtype ...] [--pass ...] [--impl ...]
+    mvit2-bench model [--quick] [--model ...] [--width ...] [--mode ...] [--impl ...]
+    mvit2-bench report RESULT.json ... [--plot PATH]
 
 The first (the default) times the kernels of both ops (MobileViTv2's separable attention,
 SwiftFormer's additive attention) against the eager reference, ``torch.compile(reference)`` and
 the memory-copy floor; ``layer`` times MobileViTv2's whole attention layer (fused with and
-without the keys, against the standard layer eager and compiled); ``model`` times whole models;
-``report`` turns result files into Markdown tables.
+without the keys, against the standard layer eager and compiled); ``model`` times whole models
+(images/s and the share of attention); ``report`` prints the tables of result files and charts
+one. Every timing command takes --quick, --repeat, --json PATH and --plot PATH.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 from collections.abc import Sequence
 
 import torch
 
-from . import cases, environment, report, runner, shapes
-from .progress import progress_bar
-from .table import op_table, op_values
+from ..backends import resolve_backend
+from ..models.mobilevitv2 import WIDTHS
+from . import kernels, layer, models, results, shapes
 from .timing import Budget, timer_name
 
 __all__ = ["main"]
 
-SUBCOMMANDS = ("ops", "layer", "model", "report")
-PASS_ALIASES = {
-    "fwd": "forward",
-    "forward": "forward",
-    "fwd+bwd": "forward+backward",
-    "forward+backward": "forward+backward",
-    "bwd": "forward+backward",
+COMMANDS = ("ops", "layer", "model", "report")
+PASS_ALIASES = {"fwd": "forward", "forward": "forward", "fwd+bwd": "forward+backward",
+                "forward+backward": "forward+backward", "bwd": "forward+backward"}
+EPILOG = {
+    "ops": "Filters take comma-separated lists and may repeat. Shapes are globs over names such "
+    "as w1.0-256px-L3-B32 (MobileViTv2 width, image size, stage, batch) and sf-xs-224px-s1-B32 "
+    "(SwiftFormer variant, image size, stage, batch), or custom BxCxPxN (separable) and BxNxD "
+    "(additive).",
+    "layer": "Filters take comma-separated lists and may repeat. Shapes are globs over the "
+    "separable op's names (the stage's C is the layer's D) or custom BxDxPxN.",
+}
+DESCRIPTION = {
+    "ops": __doc__,
+    "layer": "MobileViTv2's attention layer as SeparableAttention runs it: "
+    f"{', '.join(layer.IMPLS)}; forward under no_grad and a training step (forward and backward "
+    "for x and the parameters).",
+    "model": "Model throughput (images/s) in inference and training steps (SGD; training+amp: "
+    "under bf16 autocast), ours fused and unfused against transformers', with the share of the "
+    "time spent in the attention modules.",
+    "report": "Print the tables of mvit2-bench result files (--json); --plot charts one.",
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mvit2-bench`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "ops"
-    rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
-    if command in ("layer", "model"):
-        from . import layer_cli, model_cli
-
-        sub = layer_cli if command == "layer" else model_cli
-        parser = sub.build_parser()
-        return sub.run(parser, parser.parse_args(rest), argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else "ops"
+    parser = _parser(command)
+    args = parser.parse_args(argv[1:] if argv and argv[0] == command else argv)
     if command == "report":
-        parser = _report_parser()
-        return _run_report(parser, parser.parse_args(rest))
-    parser = _ops_parser()
-    return _run_ops(parser, parser.parse_args(rest), argv)
+        return _report(parser, args)
+    device = _device(parser, args)
+    plan = {"ops": _ops_plan, "layer": _layer_plan, "model": _model_plan}[command]
+    return _run(command, argv, args, device, *plan(parser, args, device))
 
 
-def listed(values: list[str] | None, default: list[str] | None = None) -> list[str]:
-    """Repeated and comma-separated values as one list (``--dtype fp32,bf16 --dtype fp16``);
-    ``default`` (or ``[]``) when the option was not given."""
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mvit2-bench" + ("" if command == "ops" else f" {command}"),
+        description=DESCRIPTION[command],
+        epilog=EPILOG.get(command),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = p.add_argument
+    if command == "report":
+        add("files", nargs="+", metavar="RESULT.json")
+        add("--plot", metavar="PATH", help="write the chart of the (one) file to this PNG")
+        return p
+    add("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    add("--quick", action="store_true", help="fewer cases and repetitions: about a minute")
+    add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add("--repeat", type=int, default=1, help="time every group this many times, round-robin "
+        "over the groups, and report the median of the rounds' medians (default 1)")
+    add("--json", metavar="PATH", help="write every figure and the machine to this JSON file")
+    add("--plot", metavar="PATH", help="write a chart to this PNG file (needs matplotlib)")
+    add("--no-progress", action="store_true", help="no progress bar on stderr")
+    if command != "ops":
+        impls = layer.IMPLS if command == "layer" else models.IMPLS
+        add("--impl", action="append", help=f"{', '.join(impls)} (default: all)")
+    if command == "model":
+        add("--model", action="append", help="mobilevitv2, swiftformer (default: both)")
+        add("--width", action="append", help="MobileViTv2 widths (default 1.0; --quick 0.5)")
+        add("--variant", action="append",
+            help=f"SwiftFormer variants: {', '.join(models.SWIFTFORMER)} (default xs)")
+        add("--batch", type=int, help="training batch, also timed in inference beside B=1 "
+            "(default: 32 on CPU, 256 on GPU; --quick: 8 and 32, inference at B=1 only)")
+        add("--resolution", type=int, help="default: 256 MobileViTv2, 224 SwiftFormer")
+        add("--mode", action="append", help=f"{', '.join(models.MODES)} (default: all; "
+            "training+amp only for --dtype fp32)")
+        add("--dtype", default="fp32", help="model dtype (default fp32)")
+        add("--backend", default="auto", help="backend of the fused models (default auto)")
+        return p
+    add("--shape", action="append", help="glob over shape names, or a custom shape "
+        "(--quick: w1.0-256px-L3-*" + (", sf-xs-224px-s1-*)" if command == "ops" else ")"))
+    add("--dtype", action="append", help="fp32, bf16 (CPU and GPU), fp16 (GPU) (default: "
+        + ("all of the device)" if command == "ops" else "fp32 on CPU, bf16 on GPU)"))
+    add("--pass", dest="passes", action="append", help="fwd, fwd+bwd (default: both)")
+    add("--train-batch", type=int, help="the batch timed beside B=1 (default: 32 CPU, 256 GPU)")
+    if command == "ops":
+        add("--op", action="append", help="separable (MobileViTv2), additive (SwiftFormer)")
+        add("--backend", action="append", help="kernel backends (default: all on the device)")
+        add("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    else:
+        add("--backend", default="auto", help="backend of the fused impls (default auto)")
+    return p
+
+
+def _listed(values: list[str] | None, default: Sequence[str] = ()) -> list[str]:
+    """Repeated and comma-separated values as one list without repeats, or ``default``."""
     if not values:
-        return list(default or [])
-    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+        return list(default)
+    return list(dict.fromkeys(v.strip() for value in values for v in value.split(",") if v.strip()))
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    """Options every timing subcommand shares."""
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default=None,
-        help="device to time on (default: cuda if available, else cpu)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="fewer shapes and repetitions: under a minute on 2 CPU cores",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default: torch's choice, all cores)",
-    )
-    parser.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
-    parser.add_argument("--plot", metavar="PATH", help="write a chart to this PNG file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+def _choose(parser, option: str, values: list[str], allowed: Sequence, why: str = "") -> list:
+    for v in values:
+        if v not in allowed:
+            choices = ", ".join(map(str, allowed)) or "none"
+            parser.error(f"{option} {v!r}{why}: choose from {choices}")
+    return values
 
 
-def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    device = args.device or environment.best_device()
+def _at_least_1(parser, option: str, value: int) -> int:
+    if value < 1:
+        parser.error(f"{option} must be >= 1, got {value}")
+    return value
+
+
+def _device(parser, args) -> str:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        parser.error(
-            "--device cuda: no CUDA device is visible to torch "
-            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})"
-        )
+        parser.error(f"--device cuda: no CUDA device is visible to torch {torch.__version__}")
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(_at_least_1(parser, "--threads", args.threads))
+    _at_least_1(parser, "--repeat", args.repeat)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
-        except ImportError:  # say so before the run rather than after it
+        except ImportError:  # said before the run rather than after it
             parser.error("--plot needs matplotlib: pip install matplotlib")
     return device
 
 
-def write_outputs(doc: dict, args: argparse.Namespace, echo) -> None:
-    """The ``--json`` and ``--plot`` files of a run."""
-    if args.json:
-        report.write_json(args.json, doc)
-        echo(f"wrote {args.json}")
-    if args.plot:
-        from .plot import plot
-
-        plot(doc, args.plot)
-        echo(f"wrote {args.plot}")
-
-
-def write_skip(bar, skip: runner.Skip) -> None:
-    """One line on stderr, above the progress bar, for an implementation that raised."""
-    bar.write(
-        f"skipped {skip.impl} at {skip.shape} {skip.dtype} {skip.pass_}: {skip.reason}",
-        file=sys.stderr,
-    )
-
-
-def timing_settings(device: str, budget: Budget) -> dict:
-    """The JSON settings that say how a run timed: the tool and its budget."""
-    return {
-        "timer": timer_name(device),
-        "warmup_s": budget.warmup_s,
-        "min_run_time_s": budget.min_run_time_s,
-        "min_repeats": budget.min_repeats,
-    }
-
-
-def _ops_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mvit2-bench",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__,
-        epilog="Filters take comma-separated lists and may repeat. Shapes are globs over names "
-        "such as w1.0-256px-L3-B32 (MobileViTv2 width, image size, stage, batch) and "
-        "sf-xs-224px-s1-B32 (SwiftFormer variant, image size, stage, batch), or custom "
-        "BxCxPxN (separable) and BxNxD (additive).",
-    )
-    add_common(parser)
-    parser.add_argument(
-        "--op",
-        dest="ops",
-        action="append",
-        help="separable (MobileViTv2), additive (SwiftFormer) (default: both)",
-    )
-    parser.add_argument(
-        "--backend",
-        action="append",
-        help="kernel backends to time (default: every one available on the "
-        "device; the eager and compile baselines and the copy floor always "
-        "run)",
-    )
-    parser.add_argument(
-        "--dtype",
-        action="append",
-        help="fp32, bf16 (CPU and GPU), fp16 (GPU) (default: all of the device)",
-    )
-    parser.add_argument(
-        "--shape",
-        action="append",
-        help="glob over shape names, or BxCxPxN / BxNxD (default: the DESIGN §3 shapes; "
-        "--quick: w1.0-256px-L3-*, sf-xs-224px-s1-*)",
-    )
-    parser.add_argument(
-        "--pass", dest="passes", action="append", help="fwd, fwd+bwd (default: both)"
-    )
-    parser.add_argument(
-        "--train-batch",
-        type=int,
-        default=None,
-        help="the batch timed beside B=1 (default: 32 on CPU, 256 on GPU)",
-    )
-    parser.add_argument(
-        "--no-compile",
-        action="store_true",
-        help="skip the torch.compile baseline (compiling takes seconds per shape)",
-    )
-    return parser
-
-
-def _select(parser, args, device: str):
-    """The ops, shapes, dtypes, passes and backends to time, or a parser error naming the bad
-    value."""
-    batch = args.train_batch or shapes.train_batch(device)
-    if batch < 1:
-        parser.error(f"--train-batch must be >= 1, got {batch}")
-    ops = listed(args.ops) or list(shapes.OPS)
-    for op in ops:
-        if op not in shapes.OPS:
-            parser.error(f"--op {op!r}: choose from {', '.join(shapes.OPS)}")
+def _selection(parser, args, device: str, ops: list[str], default_shapes, default_dtypes):
+    """The shapes, dtypes and passes of ``ops`` and ``layer``, and the training batch."""
+    batch = shapes.train_batch(device) if args.train_batch is None else args.train_batch
+    _at_least_1(parser, "--train-batch", batch)
     try:
-        if args.shape:
-            chosen = shapes.select_shapes(listed(args.shape), batch, ops)
-        else:
-            chosen = (shapes.quick_shapes if args.quick else shapes.design_shapes)(batch, ops)
+        chosen = (shapes.select_shapes(_listed(args.shape), batch, ops) if args.shape
+                  else default_shapes(batch))
     except ValueError as e:
         parser.error(str(e))
-    supported = cases.DEVICE_DTYPES[device]
-    dtypes = listed(args.dtype) or list(supported)
-    for d in dtypes:
-        if d not in supported:
-            parser.error(
-                f"--dtype {d!r} is not benchmarked on {device}; choose from {', '.join(supported)}"
-            )
-    passes = []
-    for p in listed(args.passes) or list(cases.PASSES):
-        if p not in PASS_ALIASES:
-            parser.error(f"--pass {p!r}: choose from fwd, fwd+bwd")
-        passes.append(PASS_ALIASES[p])
-    present = cases.kernel_backends(device)
-    backends = listed(args.backend) or present
-    for b in backends:
-        if b not in present:
-            parser.error(
-                f"--backend {b!r} is not available on {device}; available: "
-                f"{', '.join(present) or 'none (the C++ extension is not built)'}"
-            )
-    impls = ["copy", "eager", *([] if args.no_compile else ["compile"]), *dict.fromkeys(backends)]
-    ops = [op for op in shapes.OPS if any(s.op == op for s in chosen)]  # the ops that run
-    return ops, chosen, list(dict.fromkeys(dtypes)), list(dict.fromkeys(passes)), impls, batch
+    dtypes = _choose(parser, "--dtype", _listed(args.dtype, default_dtypes),
+                     kernels.DEVICE_DTYPES[device], f" is not benchmarked on {device}")
+    passes = _choose(parser, "--pass", _listed(args.passes, ["fwd", "fwd+bwd"]), PASS_ALIASES)
+    passes = list(dict.fromkeys(PASS_ALIASES[p] for p in passes))
+    # Groups of one table (op, dtype, pass) run one after another, so it prints when done.
+    groups = [(s, d, p) for op in ops for d in dtypes for p in passes for s in chosen if s.op == op]
+    settings = {"train_batch": batch, "dtypes": dtypes, "passes": passes,
+                "shapes": [s.name for s in chosen]}
+    return groups, settings
 
 
-def _run_ops(parser, args, argv: list[str]) -> int:
-    device = resolve_device(parser, args)
-    ops, chosen, dtypes, passes, impls, batch = _select(parser, args, device)
-    budget = Budget.of(args.quick)
-    env = environment.describe(device)
-    groups = runner.plan(chosen, dtypes, passes)
-    print(
-        f"mvit2-bench: {env['device_name']} ({device}, {env['threads']} threads), "
-        f"torch {env['torch']}, triton {env['triton']}; {len(groups)} groups × "
-        f"{len(impls)} impls ({', '.join(impls)})",
-        flush=True,
-    )
-    tables = {op: op_table([s.name for s in chosen if s.op == op], op) for op in ops}
-    rows, skipped = [], []
-    bar = progress_bar(len(groups) * len(impls), args.no_progress)
-    op = None
-    for group, (group_rows, group_skips) in zip(
-        groups,
-        runner.iter_groups(groups, impls, device, budget, tick=lambda impl: bar.update()),
-        strict=True,
-    ):
-        if group.shape.op != op:  # a table per op: its channel column means C or D
-            op, table = group.shape.op, tables[group.shape.op]
-            bar.write(f"\n{cases.OP_TITLES[op]}\n{table.header()}", file=sys.stdout)
-        for skip in group_skips:
-            write_skip(bar, skip)
-        for row in group_rows:
-            bar.write(table.line(op_values(row)), file=sys.stdout)
-        sys.stdout.flush()
-        rows += [r.to_json() for r in group_rows]
-        skipped += [s.to_json() for s in group_skips]
+def _ops_plan(parser, args, device: str):
+    ops = _choose(parser, "--op", _listed(args.op, shapes.OPS), shapes.OPS)
+    pick = shapes.quick_shapes if args.quick else shapes.design_shapes
+    groups, settings = _selection(parser, args, device, ops, lambda b: pick(b, ops),
+                                  kernels.DEVICE_DTYPES[device])
+    present = kernels.kernel_backends(device)
+    backends = _choose(parser, "--backend", _listed(args.backend, present), present,
+                       f" is not available on {device}")
+    impls = ["copy", "eager", *([] if args.no_compile else ["compile"]), *backends]
+    ops = [op for op in shapes.OPS if any(g[0].op == op for g in groups)]  # the ops that run
+    settings = {"ops": ops, "additive_variant": kernels.ADDITIVE_VARIANT, **settings}
+    time_group = functools.partial(kernels.time_group, device=device, budget=Budget.of(args.quick))
+    return "ops", groups, impls, time_group, kernels, settings
+
+
+def _layer_plan(parser, args, device: str):
+    groups, settings = _selection(parser, args, device, ["separable"],
+                                  lambda b: layer.default_shapes(b, args.quick),
+                                  layer.DEFAULT_DTYPES[device])
+    impls = _choose(parser, "--impl", _listed(args.impl, layer.IMPLS), list(layer.IMPLS))
+    try:
+        resolved = resolve_backend(args.backend, torch.device(device))
+    except (ValueError, RuntimeError) as e:
+        parser.error(f"--backend {args.backend!r}: {e}")
+    settings = {"backend": args.backend, "resolved_backend": resolved, **settings}
+    time_group = functools.partial(layer.time_group, device=device, budget=Budget.of(args.quick),
+                                   backend=args.backend)
+    return "layer", groups, impls, time_group, layer, settings
+
+
+def _model_plan(parser, args, device: str):
+    _choose(parser, "--dtype", [args.dtype], kernels.DEVICE_DTYPES[device])
+    impls = _choose(parser, "--impl", _listed(args.impl, models.IMPLS), models.IMPLS)
+    families = _choose(parser, "--model", _listed(args.model, ["mobilevitv2", "swiftformer"]),
+                       ("mobilevitv2", "swiftformer"))
+    batch = args.batch
+    if batch is None:
+        batch = (32 if device == "cuda" else 8) if args.quick else shapes.train_batch(device)
+    _at_least_1(parser, "--batch", batch)
+    modes = _choose(parser, "--mode", _listed(args.mode, [
+        m for m in models.MODES if args.dtype == "fp32" or m != "training+amp"]), models.MODES)
+    if "training+amp" in modes and args.dtype != "fp32":
+        parser.error("--mode training+amp runs an fp32 model under autocast: use --dtype fp32")
+    widths = [str(w) for w in WIDTHS]
+    cases = []
+    for family in families:
+        if family == "mobilevitv2":
+            variants = _choose(parser, "--width", _listed(args.width, ["0.5" if args.quick
+                                                                      else "1.0"]), widths)
+        else:
+            variants = _choose(parser, "--variant", _listed(args.variant, ["xs"]),
+                               list(models.SWIFTFORMER))
+        res = args.resolution or (256 if family == "mobilevitv2" else 224)
+        for variant in variants:
+            for mode in modes:  # --quick times inference at B=1 only: the deployment case
+                for b in ((1,) if args.quick else (1, batch)) if mode == "inference" else (batch,):
+                    cases.append(models.ModelCase(family, variant, res, b, mode, args.dtype))
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        parser.error("mvit2-bench model needs transformers: pip install transformers")
+    if "swiftformer" in families and args.impl and "fused-kernel" in impls:
+        print("mvit2-bench model: fused-kernel is not available for SwiftFormer", file=sys.stderr)
+    settings = {"dtype": args.dtype, "backend": args.backend,
+                "cases": [dataclasses.asdict(c) for c in cases]}
+    time_group = functools.partial(models.time_group, device=device,
+                                   budget=Budget.of(args.quick), backend=args.backend)
+    return "model", list(dict.fromkeys(cases)), impls, time_group, models, settings
+
+
+def _run(command, argv, args, device, kind, groups, impls, time_group, module, settings) -> int:
+    """Time every group × impl ``--repeat`` times, round-robin over the groups (a burst of other
+    work on the machine then spoils one round of a group, not all of them); print each table
+    when its groups are done; write ``--json`` and ``--plot``."""
+    from tqdm import tqdm
+
+    env = results.describe(device)
+    print(f"mvit2-bench {command}: {env['device_name']} ({device}, {env['threads']} threads), "
+          f"torch {env['torch']}; {len(groups)} groups × {len(impls)} impls "
+          f"({', '.join(impls)})", flush=True)
+    bar = tqdm(total=args.repeat * len(groups) * len(impls), file=sys.stderr, unit="timing",
+               leave=False, dynamic_ncols=True, disable=True if args.no_progress else None)
+    timed: dict = {g: {} for g in groups}
+    rows, pending, skipped = [], [], {}
+
+    def flush():
+        bar.write(results.render(pending, kind, env["threads"]), file=sys.stdout)
+        pending.clear()
+
+    torch.manual_seed(0)
+    for round_ in range(args.repeat):
+        for group in groups:
+            for impl, got in time_group(group, impls, tick=bar.update).items():
+                if not isinstance(got, Exception):
+                    timed[group].setdefault(impl, []).append(got)
+                elif (group, impl) not in skipped:
+                    reason = f"{type(got).__name__}: {got}".splitlines()[0][:300]
+                    fields = module.fields(group)
+                    skipped[group, impl] = {**fields, "impl": impl, "reason": reason}
+                    where = ", ".join(map(str, fields.values()))
+                    bar.write(f"skipped {impl} at {where}: {reason}", file=sys.stderr)
+            if round_ == args.repeat - 1:
+                for row in module.rows(group, timed[group]):
+                    if pending and results.label(kind, row) != results.label(kind, pending[0]):
+                        flush()
+                    pending.append(row)
+                    rows.append(row)
+    if pending:
+        flush()
     bar.close()
-    settings = {
-        "quick": args.quick,
-        "ops": ops,
-        "additive_variant": cases.ADDITIVE_VARIANT,
-        "train_batch": batch,
-        "impls": impls,
-        "dtypes": dtypes,
-        "passes": passes,
-        "shapes": [s.name for s in chosen],
-        **timing_settings(device, budget),
-    }
-    doc = report.document("ops", argv, env, settings, rows, skipped)
-    write_outputs(doc, args, print)
+    budget = Budget.of(args.quick)
+    settings = {"quick": args.quick, "repeat": args.repeat, "impls": impls, **settings,
+                "timer": timer_name(device), **dataclasses.asdict(budget)}
+    doc = results.document(kind, argv, env, settings, rows, list(skipped.values()))
+    if args.json:
+        results.write_json(args.json, doc)
+        print(f"wrote {args.json}")
+    if args.plot:
+        results.plot(doc, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
-def _report_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mvit2-bench report",
-        description="Markdown tables from result files (mvit2-bench --json ...).",
-    )
-    parser.add_argument("files", nargs="+", metavar="RESULT.json")
-    parser.add_argument(
-        "--update",
-        metavar="DOC.md",
-        help="replace the results section of this Markdown file (between "
-        f"{report.BEGIN} and {report.END}) instead of printing",
-    )
-    return parser
-
-
-def _run_report(parser, args) -> int:
+def _report(parser, args) -> int:
+    if args.plot and len(args.files) != 1:
+        parser.error("--plot charts one result file")
     try:
-        docs = [report.load(f) for f in args.files]
+        docs = [results.load(f) for f in args.files]
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    if args.update:
-        from pathlib import Path
-
-        text = report.markdown(docs, relative_to=Path(args.update).resolve().parent)
-        try:
-            report.update_section(args.update, text)
-        except (OSError, ValueError) as e:
-            parser.error(str(e))
-        print(f"updated {args.update} from {len(docs)} result file(s)")
-    else:
-        print(report.markdown(docs))
+    for path, doc in zip(args.files, docs, strict=True):
+        env = doc["environment"]
+        print(f"{path}: {doc['kind']} on {env['device_name']} ({env['device']}, {env['threads']} "
+              f"threads), torch {env['torch']}, {doc['created']}\n  {doc['command']}\n")
+        print(results.render(doc["rows"], doc["kind"], env["threads"]))
+    if args.plot:
+        results.plot(docs[0], args.plot)
+        print(f"wrote {args.plot}")
     return 0

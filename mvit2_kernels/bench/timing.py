@@ -1,46 +1,63 @@
-"""Medians of many timed calls, with the established tools: ``torch.utils.benchmark`` on a CPU,
-``triton.testing.do_bench`` (CUDA events when Triton is missing) on a GPU.
+"""Timing with the established tools: ``torch.utils.benchmark.Timer`` on a CPU,
+``triton.testing.do_bench`` on a GPU, both returning a ``torch.utils.benchmark.Measurement``.
 
-Callers rotate several input sets through one callable (:func:`rotating`) so that the rotated
-working set outgrows the last-level cache and a kernel is not flattered by inputs left hot by the
-previous call.
+What is ours is the input rotation: a measured callable cycles through several input sets
+(:func:`rotating`) whose total outgrows the last-level cache (:func:`rotation_count`), so that a
+memory-bound kernel is not flattered by inputs left hot by its previous call.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.benchmark import Measurement, Timer
+from torch.utils.benchmark.utils.common import TaskSpec
 
-__all__ = ["Budget", "Timing", "measure", "rotating", "rotation_count", "timer_name"]
+__all__ = [
+    "Budget",
+    "last_level_cache_bytes",
+    "measure",
+    "rotating",
+    "rotation_count",
+    "timer_name",
+]
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How long to warm up and measure one callable."""
+    """How long to warm up and time one callable."""
 
-    warmup_s: float  # CPU: warm-up time before timing; GPU: do_bench's ``warmup`` (in seconds)
-    min_run_time_s: float  # least total time spent timing
-    min_repeats: int  # least number of timed blocks (CPU) / calls (GPU), even for slow calls
+    warmup_s: float
+    min_run_time_s: float
+    min_repeats: int  # least number of samples, even for a slow call
 
     @classmethod
     def of(cls, quick: bool) -> Budget:
         return cls(0.02, 0.05, 3) if quick else cls(0.2, 0.5, 7)
 
 
-@dataclass(frozen=True)
-class Timing:
-    """A measurement: the median and interquartile range of one call, in milliseconds."""
-
-    median_ms: float
-    iqr_ms: float
-    repeats: int  # how many timed samples the median is taken over
+def last_level_cache_bytes(device: str) -> int:
+    """The cache a rotated working set must outgrow: the GPU's L2, or the CPU's highest cache
+    level as sysfs reports it (32 MiB when unknown)."""
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(0).L2_cache_size)
+    best_level, best_size = 0, 32 << 20
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        if level > best_level and size.rstrip("KMG").isdigit():
+            best_level, best_size = level, int(size.rstrip("KMG")) * scale
+    return best_size
 
 
 def rotation_count(
@@ -59,80 +76,52 @@ def rotating(fn: Callable[..., Any], sets: Sequence[tuple]) -> Callable[[], Any]
     return lambda: fn(*next(cycle))
 
 
-def measure(fn: Callable[[], Any], device: str, budget: Budget) -> Timing:
-    """Warm ``fn`` up, then time it; ``fn`` must finish its work on ``device`` before returning
-    on a CPU (it may return with kernels in flight on a GPU)."""
-    if device == "cuda":
-        return _measure_cuda(fn, budget)
-    return _measure_cpu(fn, budget)
+def _do_bench():
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return do_bench
 
 
 def timer_name(device: str) -> str:
     """The tool :func:`measure` times with on ``device`` (recorded in the JSON settings)."""
-    if device != "cuda":
-        return "torch.utils.benchmark.Timer.blocked_autorange"
-    try:
-        import triton.testing  # noqa: F401
-    except ImportError:
-        return "torch.cuda.Event"
-    return "triton.testing.do_bench"
+    if device == "cuda" and _do_bench() is not None:
+        return "triton.testing.do_bench"
+    return "torch.utils.benchmark.Timer.blocked_autorange"
 
 
-def _measure_cpu(fn: Callable[[], Any], budget: Budget) -> Timing:
-    from torch.utils.benchmark import Timer
-
-    start = time.perf_counter()
-    calls = 0
+def measure(fn: Callable[[], Any], device: str, budget: Budget, **metadata: Any) -> Measurement:
+    """Warm ``fn`` up (compiles happen here), then time it; ``metadata`` is kept on the
+    measurement, with ``peak_mib`` added: on a GPU the memory one call allocates beyond what
+    existed before it (Liger-Kernel's memory figure), on a CPU ``None``."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start, calls = time.perf_counter(), 0
     while calls < 2 or time.perf_counter() - start < budget.warmup_s:
         last = time.perf_counter()
         fn()
+        sync()
         calls += 1
     per_call = time.perf_counter() - last
-    # The Timer defaults to one thread; time with the threads the user's code would get.
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    # blocked_autorange sizes blocks to >= 10 ms; a slow call still gets min_repeats blocks.
+    # A slow call still gets min_repeats samples (blocks on a CPU, calls on a GPU).
     run_time = max(budget.min_run_time_s, budget.min_repeats * per_call * 1.05)
-    m = timer.blocked_autorange(min_run_time=run_time)
-    return Timing(m.median * 1e3, m.iqr * 1e3, len(m.times))
+    threads = torch.get_num_threads()
+    do_bench = _do_bench() if device == "cuda" else None
+    if do_bench is not None:  # do_bench also flushes the L2 before every call
+        times = do_bench(fn, warmup=1, rep=run_time * 1e3, return_mode="all")
+        task = TaskSpec("fn()", "pass", num_threads=threads)
+        m = Measurement(1, [t * 1e-3 for t in times], task)
+    else:  # the Timer defaults to one thread: time with the threads the user's code gets
+        timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
+        m = timer.blocked_autorange(min_run_time=run_time)
+    m.metadata = {**metadata, "peak_mib": _peak_mib(fn) if device == "cuda" else None}
+    return m
 
 
-def _measure_cuda(fn: Callable[[], Any], budget: Budget) -> Timing:
-    # Estimate first: do_bench takes times in ms and fits its repetitions to its own estimate,
-    # which would leave a slow kernel with one sample.
+def _peak_mib(fn: Callable[[], Any]) -> float:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(3):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    per_call_ms = max(begin.elapsed_time(end) / 3, 1e-3)
-    warmup_ms = max(budget.warmup_s * 1e3, per_call_ms)
-    rep_ms = max(budget.min_run_time_s * 1e3, budget.min_repeats * per_call_ms * 1.05)
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        times = _cuda_events(
-            fn, math.ceil(warmup_ms / per_call_ms), math.ceil(rep_ms / per_call_ms)
-        )
-    else:
-        # do_bench clears the L2 cache before every call and brackets each call with events.
-        times = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
-    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    return Timing(statistics.median(times), q3 - q1, len(times))
-
-
-def _cuda_events(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    pairs = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(repeats)
-    ]
-    for begin, end in pairs:
-        begin.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [begin.elapsed_time(end) for begin, end in pairs]
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
