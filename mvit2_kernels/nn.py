@@ -175,10 +175,16 @@ class EfficientAdditiveAttention(nn.Module):
         # Registration order is the published one, so state dicts list keys in the same order.
         self.to_query = nn.Linear(dim, dim)
         self.to_key = nn.Linear(dim, dim)
-        self.w_g = nn.Parameter(torch.randn(dim, 1))
+        self.w_g = nn.Parameter(torch.empty(dim, 1))
         self.scale_factor = dim**-0.5  # as published; the kernels use q.shape[-1] ** -0.5
         self.proj = nn.Linear(dim, dim)
         self.final = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``w_g`` from a standard normal, as published (the Linear layers reset themselves), so
+        a model built on the meta device and reset module by module is initialised."""
+        nn.init.normal_(self.w_g)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: Tensor[B, N, D]`` -> ``Tensor[B, N, D]``."""
