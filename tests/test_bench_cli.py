@@ -275,6 +275,27 @@ def test_op_additive_times_only_the_additive_attention(tmp_path):
         assert row["speedup_vs_compile"] is None
 
 
+def test_an_impl_that_raises_is_skipped_not_fatal(tmp_path, monkeypatch, capsys):
+    real = kernels.impl_callable
+
+    def broken(impl, pass_, op):
+        if impl == "eager":
+            raise RuntimeError("broken on purpose")
+        return real(impl, pass_, op)
+
+    monkeypatch.setattr(kernels, "impl_callable", broken)
+    path = tmp_path / "skip.json"
+    run_cli("--device", "cpu", "--quick", "--shape", SHAPE, "--dtype", "fp32", "--pass", "fwd",
+            "--no-compile", "--no-progress", "--json", str(path))
+    doc = json.loads(path.read_text())
+    (skip,) = doc["skipped"]
+    assert (skip["shape"], skip["impl"], skip["reason"]) == (
+        SHAPE, "eager", "RuntimeError: broken on purpose")
+    assert [r["impl"] for r in doc["rows"]] == ["copy", *kernels.kernel_backends("cpu")]
+    assert all(r["speedup_vs_eager"] is None for r in doc["rows"])
+    assert "skipped eager at separable, " in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="--plot needs matplotlib (in the test extra)")
 def test_plot_is_a_png(quick_run):
     _, _, out = quick_run

@@ -33,14 +33,10 @@ __all__ = ["main"]
 COMMANDS = ("ops", "layer", "model", "report")
 PASS_ALIASES = {"fwd": "forward", "forward": "forward", "fwd+bwd": "forward+backward",
                 "forward+backward": "forward+backward", "bwd": "forward+backward"}
-EPILOG = {
-    "ops": "Filters take comma-separated lists and may repeat. Shapes are globs over names such "
-    "as w1.0-256px-L3-B32 (MobileViTv2 width, image size, stage, batch) and sf-xs-224px-s1-B32 "
-    "(SwiftFormer variant, image size, stage, batch), or custom BxCxPxN (separable) and BxNxD "
-    "(additive).",
-    "layer": "Filters take comma-separated lists and may repeat. Shapes are globs over the "
-    "separable op's names (the stage's C is the layer's D) or custom BxDxPxN.",
-}
+EPILOG = ("Filters take comma-separated lists and may repeat. Shapes are globs over names such as "
+          "w1.0-256px-L3-B32 (MobileViTv2 width, image size, stage, batch; the layer's D is the "
+          "stage's C) and sf-xs-224px-s1-B32 (SwiftFormer variant, image size, stage, batch), or "
+          "custom BxCxPxN (separable, layer) and BxNxD (additive).")
 DESCRIPTION = {
     "ops": __doc__,
     "layer": "MobileViTv2's attention layer as SeparableAttention runs it: "
@@ -70,7 +66,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mvit2-bench" + ("" if command == "ops" else f" {command}"),
         description=DESCRIPTION[command],
-        epilog=EPILOG.get(command),
+        epilog=EPILOG if command in ("ops", "layer") else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = p.add_argument
@@ -185,7 +181,7 @@ def _ops_plan(parser, args, device: str):
     ops = [op for op in shapes.OPS if any(g[0].op == op for g in groups)]  # the ops that run
     settings = {"ops": ops, "additive_variant": kernels.ADDITIVE_VARIANT, **settings}
     time_group = functools.partial(kernels.time_group, device=device, budget=Budget.of(args.quick))
-    return "ops", groups, impls, time_group, kernels, settings
+    return groups, impls, time_group, kernels, settings
 
 
 def _layer_plan(parser, args, device: str):
@@ -200,7 +196,7 @@ def _layer_plan(parser, args, device: str):
     settings = {"backend": args.backend, "resolved_backend": resolved, **settings}
     time_group = functools.partial(layer.time_group, device=device, budget=Budget.of(args.quick),
                                    backend=args.backend)
-    return "layer", groups, impls, time_group, layer, settings
+    return groups, impls, time_group, layer, settings
 
 
 def _model_plan(parser, args, device: str):
@@ -240,23 +236,26 @@ def _model_plan(parser, args, device: str):
                 "cases": [dataclasses.asdict(c) for c in cases]}
     time_group = functools.partial(models.time_group, device=device,
                                    budget=Budget.of(args.quick), backend=args.backend)
-    return "model", list(dict.fromkeys(cases)), impls, time_group, models, settings
+    return list(dict.fromkeys(cases)), impls, time_group, models, settings
 
 
-def _run(command, argv, args, device, kind, groups, impls, time_group, module, settings) -> int:
+def _run(kind, argv, args, device, groups, impls, time_group, module, settings) -> int:
     """Time every group × impl ``--repeat`` times, round-robin over the groups (a burst of other
     work on the machine then spoils one round of a group, not all of them); print each table
     when its groups are done; write ``--json`` and ``--plot``."""
     from tqdm import tqdm
 
     env = results.describe(device)
-    print(f"mvit2-bench {command}: {env['device_name']} ({device}, {env['threads']} threads), "
+    print(f"mvit2-bench {kind}: {env['device_name']} ({device}, {env['threads']} threads), "
           f"torch {env['torch']}; {len(groups)} groups × {len(impls)} impls "
           f"({', '.join(impls)})", flush=True)
     bar = tqdm(total=args.repeat * len(groups) * len(impls), file=sys.stderr, unit="timing",
                leave=False, dynamic_ncols=True, disable=True if args.no_progress else None)
     timed: dict = {g: {} for g in groups}
     rows, pending, skipped = [], [], {}
+
+    def table(row: dict) -> str:
+        return results.labels(kind, row)[0]
 
     def flush():
         bar.write(results.render(pending, kind, env["threads"]), file=sys.stdout)
@@ -276,7 +275,7 @@ def _run(command, argv, args, device, kind, groups, impls, time_group, module, s
                     bar.write(f"skipped {impl} at {where}: {reason}", file=sys.stderr)
             if round_ == args.repeat - 1:
                 for row in module.rows(group, timed[group]):
-                    if pending and results.label(kind, row) != results.label(kind, pending[0]):
+                    if pending and table(row) != table(pending[0]):
                         flush()
                     pending.append(row)
                     rows.append(row)

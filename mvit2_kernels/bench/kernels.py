@@ -1,19 +1,12 @@
 """The kernel benchmark (``mvit2-bench``), data-driven like Liger-Kernel's benchmark scripts: per
-op (:data:`OPS`) its inputs, its eager reference, its kernel and the bytes it must move; every op
-runs the same implementations ("impl" in tables and JSON):
-
-- ``copy``: ``dst.copy_(src)`` moving as many bytes (read + write) as the op must: the floor;
-- ``eager``: the op's reference in :mod:`mvit2_kernels.reference`, autograd for the backward;
-- ``compile``: ``torch.compile(reference)``, compiled afresh per shape, dtype and pass;
-- a kernel backend (``cpu``, ``cuda``, ``triton``).
-
-Passes: ``forward``, and ``forward+backward`` (the forward, then ``torch.autograd.grad`` of random
-output gradients for the three inputs).
+op (:data:`OPS`) its inputs, eager reference, kernel and the bytes it must move. Every op runs the
+impls ``copy`` (``dst.copy_(src)`` of as many bytes: the floor), ``eager`` (the reference),
+``compile`` (``torch.compile(reference)``) and each kernel backend, in the passes ``forward`` and
+``forward+backward`` (then ``torch.autograd.grad`` of random output gradients for the inputs).
 """
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +22,7 @@ from .. import (
 )
 from . import results
 from .shapes import Shape
-from .timing import Budget, last_level_cache_bytes, measure, rotating, rotation_count
+from .timing import Budget, last_level_cache_bytes, rotating, rotation_count, time_each
 
 __all__ = ["DEVICE_DTYPES", "DTYPES", "OPS", "PASSES", "Op", "kernel_backends", "time_group"]
 
@@ -48,7 +41,6 @@ Inputs = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # the op's i
 class Op:
     """What the benchmark needs of one op."""
 
-    title: str
     reference: Callable[..., Any]
     kernel: Callable[..., Any]  # (*inputs, backend=...)
     inputs: Callable[[Shape, torch.dtype, str, bool], Inputs]  # (shape, dtype, device, backward)
@@ -84,19 +76,13 @@ OPS = {
     # Forward reads q, k, v and writes y: (1 + 3C)·BPN elements; the backward adds reads of g,
     # q, k, v and writes of dq, dk, dv: (2 + 5C)·BPN.
     "separable": Op(
-        "separable attention (MobileViTv2): q [B, 1, P, N], k, v [B, C, P, N]",
-        separable_attention_reference,
-        separable_attention,
-        _separable_inputs,
+        separable_attention_reference, separable_attention, _separable_inputs,
         lambda s, backward: (1 + 3 * s.channels + backward * (2 + 5 * s.channels)) * s.elements,
     ),
     # Forward reads q, k and writes G·kn and qn: 4·BND; the backward reads both output
     # gradients, q, k and writes dq, dk: 6·BND. w_g and dw_g (D each) are left out.
     "additive": Op(
-        f"additive attention (SwiftFormer, variant {ADDITIVE_VARIANT}): q, k [B, N, D]",
-        _additive_reference,
-        _additive_kernel,
-        _additive_inputs,
+        _additive_reference, _additive_kernel, _additive_inputs,
         lambda s, backward: (4 + 6 * backward) * s.channels * s.elements,
     ),
 }
@@ -156,8 +142,7 @@ def input_sets(shape: Shape, dtype: torch.dtype, device: str, pass_: str, cache:
 
     first = one()
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in first}
-    nbytes = sum(storages.values())
-    return [first, *(one() for _ in range(rotation_count(nbytes, cache) - 1))]
+    return [first, *(one() for _ in range(rotation_count(sum(storages.values()), cache) - 1))]
 
 
 def copy_sets(nbytes: int, dtype: torch.dtype, device: str, cache: int) -> list:
@@ -175,22 +160,17 @@ def time_group(
     group: tuple[Shape, str, str], impls: list[str], device: str, budget: Budget, tick: Callable
 ) -> dict[str, Any]:
     """Time ``impls`` on one (shape, dtype, pass)'s inputs: a Measurement, or the exception
-    raised, per impl. ``tick()`` after each."""
+    raised, per impl."""
     shape, dtype_name, pass_ = group
     dtype, cache = DTYPES[dtype_name], last_level_cache_bytes(device)
-    nbytes = op_bytes(shape, dtype, pass_)
-    sets, out = input_sets(shape, dtype, device, pass_, cache), {}
-    for impl in impls:
-        try:
-            impl_sets = copy_sets(nbytes, dtype, device, cache) if impl == "copy" else sets
-            fn = rotating(impl_callable(impl, pass_, shape.op), impl_sets)
-            out[impl] = measure(fn, device, budget, rotated_sets=len(impl_sets), bytes=nbytes)
-        except Exception as e:  # a broken or missing backend is reported, not fatal to the run
-            out[impl] = e
-        fn = impl_sets = None
-        gc.collect()  # this impl's buffers and autograd graphs go before the next is timed
-        tick()
-    return out
+    nbytes, sets = op_bytes(shape, dtype, pass_), input_sets(shape, dtype, device, pass_, cache)
+
+    def build(impl: str):
+        impl_sets = copy_sets(nbytes, dtype, device, cache) if impl == "copy" else sets
+        fn = rotating(impl_callable(impl, pass_, shape.op), impl_sets)
+        return fn, {"rotated_sets": len(impl_sets), "bytes": nbytes}
+
+    return time_each(impls, build, device, budget, tick)
 
 
 def fields(group: tuple[Shape, str, str]) -> dict:

@@ -16,7 +16,6 @@ Passes: ``forward`` (under ``torch.no_grad``) and ``forward+backward`` (forward,
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ from .. import SeparableAttention
 from . import results
 from .kernels import DTYPES
 from .shapes import Shape, design_shapes
-from .timing import Budget, last_level_cache_bytes, measure, rotating, rotation_count
+from .timing import Budget, last_level_cache_bytes, rotating, rotation_count, time_each
 
 __all__ = ["DEFAULT_DTYPES", "IMPLS", "default_shapes", "layer_module", "layer_step", "time_group"]
 
@@ -110,18 +109,12 @@ def time_group(
     for _ in range(count):
         x = torch.randn(s.batch, s.channels, s.pixels, s.patches, dtype=dtype, device=device)
         sets.append((x.requires_grad_(), torch.randn_like(x)) if training else (x,))
-    out = {}
-    for impl in impls:
-        try:
-            module = layer_module(impl, state, s.channels, backend, training)
-            fn = rotating(layer_step(module, pass_), sets)
-            out[impl] = measure(fn, device, budget, rotated_sets=count)
-        except Exception as e:  # a missing kernel or a failed compile is reported, not fatal
-            out[impl] = e
-        module = fn = None
-        gc.collect()  # this impl's graphs and saved activations go before the next is timed
-        tick()
-    return out
+
+    def build(impl: str):
+        module = layer_module(impl, state, s.channels, backend, training)
+        return rotating(layer_step(module, pass_), sets), {"rotated_sets": count}
+
+    return time_each(impls, build, device, budget, tick)
 
 
 def fields(group: tuple[Shape, str, str]) -> dict:

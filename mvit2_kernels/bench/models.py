@@ -8,7 +8,6 @@ backward in training). Attention here is the whole module, projections included:
 
 from __future__ import annotations
 
-import gc
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,19 +22,19 @@ from ..models import fuse_
 from ..models.swiftformer import CONFIGS as SWIFTFORMER
 from .kernels import DTYPES
 from .results import summarize
-from .timing import Budget, last_level_cache_bytes, measure, rotating, rotation_count
+from .timing import (
+    Budget,
+    last_level_cache_bytes,
+    measure,
+    rotating,
+    rotation_count,
+    time_each,
+)
 
 __all__ = ["IMPLS", "MODES", "ModelCase", "attention_modules", "model_builders", "model_step"]
 
-IMPLS = (
-    "fused",
-    "fused+compile",
-    "fused-kernel",
-    "unfused",
-    "transformers",
-    "transformers+compile",
-    "transformers+fuse_",
-)
+IMPLS = ("fused", "fused+compile", "fused-kernel", "unfused", "transformers",
+         "transformers+compile", "transformers+fuse_")
 # A compiled model is one graph with no attention module left to replay: null attention columns.
 COMPILED_IMPLS = ("fused+compile", "transformers+compile")
 # "training+amp": the fp32 model's training step under torch.autocast (bf16), as people train.
@@ -201,44 +200,31 @@ def attention_replay(model: nn.Module, x: torch.Tensor, mode: str) -> tuple[Call
 def time_group(
     case: ModelCase, impls: list[str], device: str, budget: Budget, backend: str, tick: Callable
 ) -> dict[str, Any]:
-    """Time each impl's step on ``case``, then its attention modules' replay: a Measurement
-    (the replay's time and the module count in its metadata), or the exception raised; an impl
-    the model does not have (SwiftFormer's fused-kernel) is left out."""
-    builders, out, dtype = model_builders(case.family, case.variant), {}, case.dtype
-    for impl in impls:
-        if impl not in builders:
-            tick()
-            continue
-        try:
-            torch.manual_seed(0)
-            model = builders[impl](backend).to(device=device, dtype=DTYPES[dtype])
-            model.train(case.mode != "inference")
-            shape = (case.batch, 3, case.resolution, case.resolution)
-            image_bytes = torch.Size(shape).numel() * DTYPES[dtype].itemsize
-            count = rotation_count(image_bytes, last_level_cache_bytes(device),
-                                   budget_bytes=256 << 20, max_sets=8)
-            sets = [
-                (torch.randn(shape, device=device, dtype=DTYPES[dtype]),
-                 torch.randint(0, 1000, (case.batch,), device=device))
-                for _ in range(count)
-            ]
-            m = measure(rotating(model_step(model, case.mode), sets), device, budget)
-            attention = None
-            if impl in COMPILED_IMPLS:
-                n_modules = len(attention_modules(model))
-            else:
-                replay, n_modules = attention_replay(model, sets[0][0], case.mode)
-                attention = measure(replay, device, budget).median * 1e3 if n_modules else None
-            m.metadata.update(attention_modules=n_modules, attention_ms=attention)
-            out[impl] = m
-        except Exception as e:  # e.g. out of memory at a large batch: reported, not fatal
-            out[impl] = e
-        model = sets = None
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()  # the next model starts from an empty cache, e.g. after OOM
-        tick()
-    return out
+    """Time each impl's attention modules' replay, then its step on ``case``: a Measurement (the
+    replay's time and the module count in its metadata), or the exception raised. An impl the
+    model does not have (SwiftFormer's fused-kernel) is left out."""
+    builders, dtype = model_builders(case.family, case.variant), DTYPES[case.dtype]
+    shape = (case.batch, 3, case.resolution, case.resolution)
+    count = rotation_count(torch.Size(shape).numel() * dtype.itemsize,
+                           last_level_cache_bytes(device), budget_bytes=256 << 20, max_sets=8)
+
+    def build(impl: str):
+        torch.manual_seed(0)
+        model = builders[impl](backend).to(device=device, dtype=dtype)
+        model.train(case.mode != "inference")
+        sets = [(torch.randn(shape, device=device, dtype=dtype),
+                 torch.randint(0, 1000, (case.batch,), device=device)) for _ in range(count)]
+        attention, n_modules = None, len(attention_modules(model))
+        if impl not in COMPILED_IMPLS and n_modules:
+            replay, n_modules = attention_replay(model, sets[0][0], case.mode)
+            attention = measure(replay, device, budget).median * 1e3
+        step = rotating(model_step(model, case.mode), sets)
+        return step, {"attention_modules": n_modules, "attention_ms": attention}
+
+    present = [i for i in impls if i in builders]
+    for _ in range(len(impls) - len(present)):
+        tick()  # the progress bar counts every impl of every case
+    return time_each(present, build, device, budget, tick)
 
 
 def fields(case: ModelCase) -> dict:

@@ -68,18 +68,13 @@ def summarize(fields: dict, timed: dict[str, list[Measurement]], ratios: dict) -
     return rows
 
 
-def _labels(kind: str, row: dict) -> tuple[str, str]:
+def labels(kind: str, row: dict) -> tuple[str, str]:
     """A row's table (Compare's label) and line (its sub_label); the impl is the column."""
     if kind == "model":
-        return f"{row['model']} at {row['resolution']}px, {row['dtype']}", (
-            f"{row['mode']}, B={row['batch']}"
-        )
+        return (f"{row['model']} at {row['resolution']}px, {row['dtype']}",
+                f"{row['mode']}, B={row['batch']}")
     what = "attention layer" if kind == "layer" else f"{row.get('op', 'separable')} attention"
     return f"{what}, {row['dtype']}, {row['pass']}", row["shape"]
-
-
-def label(kind: str, row: dict) -> str:
-    return _labels(kind, row)[0]
 
 
 def render(rows: list[dict], kind: str, threads: int) -> str:
@@ -87,12 +82,12 @@ def render(rows: list[dict], kind: str, threads: int) -> str:
     non-baseline rows."""
     tables: dict[str, list[dict]] = {}
     for r in rows:
-        tables.setdefault(label(kind, r), []).append(r)
+        tables.setdefault(labels(kind, r)[0], []).append(r)
     lines = []
     for table, got in tables.items():
         compare = Compare([
             Measurement(1, [r["median_ms"] * 1e-3], TaskSpec(
-                "fn()", "pass", label=table, sub_label=_labels(kind, r)[1],
+                "fn()", "pass", label=table, sub_label=labels(kind, r)[1],
                 description=r["impl"], num_threads=threads))
             for r in got
         ])
@@ -105,7 +100,7 @@ def render(rows: list[dict], kind: str, threads: int) -> str:
                 if r.get(k) is not None
             ]
             if figures and (kind == "model" or r["impl"] not in BASELINES):
-                lines.append(f"  {_labels(kind, r)[1]}  {r['impl']}: {', '.join(figures)}")
+                lines.append(f"  {labels(kind, r)[1]}  {r['impl']}: {', '.join(figures)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -119,7 +114,7 @@ def plot(doc: dict, path: str | os.PathLike) -> None:
     field, ylabel, baseline = CHARTED[kind]
     panels: dict[str, dict[str, dict[str, float]]] = {}
     for r in rows:
-        table, line = _labels(kind, r)
+        table, line = labels(kind, r)
         if r.get(field) and r["impl"] != baseline:
             panels.setdefault(table, {}).setdefault(line, {})[r["impl"]] = r[field]
     impls = list(dict.fromkeys(i for p in panels.values() for got in p.values() for i in got))

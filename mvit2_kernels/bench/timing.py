@@ -8,6 +8,7 @@ memory-bound kernel is not flattered by inputs left hot by its previous call.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import time
@@ -20,14 +21,8 @@ import torch
 from torch.utils.benchmark import Measurement, Timer
 from torch.utils.benchmark.utils.common import TaskSpec
 
-__all__ = [
-    "Budget",
-    "last_level_cache_bytes",
-    "measure",
-    "rotating",
-    "rotation_count",
-    "timer_name",
-]
+__all__ = ["Budget", "last_level_cache_bytes", "measure", "rotating", "rotation_count",
+           "time_each", "timer_name"]
 
 
 @dataclass(frozen=True)
@@ -44,20 +39,16 @@ class Budget:
 
 
 def last_level_cache_bytes(device: str) -> int:
-    """The cache a rotated working set must outgrow: the GPU's L2, or the CPU's highest cache
-    level as sysfs reports it (32 MiB when unknown)."""
+    """The cache a rotated working set must outgrow: the GPU's L2, or the CPU's largest cache as
+    sysfs reports it (32 MiB when unknown)."""
     if device == "cuda":
         return int(torch.cuda.get_device_properties(0).L2_cache_size)
-    best_level, best_size = 0, 32 << 20
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
-        except (OSError, ValueError):
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-        if level > best_level and size.rstrip("KMG").isdigit():
-            best_level, best_size = level, int(size.rstrip("KMG")) * scale
-    return best_size
+    sizes = [32 << 20]
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in "KMG":
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
+    return max(sizes) if len(sizes) == 1 else max(sizes[1:])
 
 
 def rotation_count(
@@ -125,3 +116,25 @@ def _peak_mib(fn: Callable[[], Any]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def time_each(
+    impls: Sequence[str], build: Callable[[str], tuple[Callable[[], Any], dict]], device: str,
+    budget: Budget, tick: Callable[[], Any],
+) -> dict[str, Measurement | Exception]:
+    """Measure, impl after impl, the callable ``build(impl)`` returns with its metadata; an impl
+    that fails (a missing backend, a failed compile, out of memory) gives its exception instead,
+    reported rather than fatal. ``tick()`` after each."""
+    out: dict[str, Measurement | Exception] = {}
+    for impl in impls:
+        try:
+            fn, metadata = build(impl)
+            out[impl] = measure(fn, device, budget, **metadata)
+        except Exception as e:
+            out[impl] = e
+        fn = None
+        gc.collect()  # this impl's buffers, graphs and saved activations go before the next
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        tick()
+    return out
