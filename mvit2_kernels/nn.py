@@ -20,8 +20,8 @@ from .reference import additive_attention_reference, separable_attention_referen
 
 __all__ = ["EfficientAdditiveAttention", "SeparableAttention"]
 
-# Dropout on the softmax weights is not in the kernels (DESIGN §1); the fallback says so once
-# per process, not once per layer, so a 9-layer model does not print nine warnings.
+# Dropout on the softmax weights is not in the kernels (docs/design.md §1); the fallback says so
+# once per process, not once per layer, so a 9-layer model does not print nine warnings.
 _warned_dropout_fallback = False
 
 
@@ -84,7 +84,7 @@ class SeparableAttention(nn.Module):
             if None not in convs:
                 return self.proj_drop(self._fused_layer(x, *convs))
         qkv = self.qkv_proj(x)
-        # Views into qkv, no copies: the kernels read strided q/k/v in place (DESIGN §3).
+        # Views into qkv, no copies: the kernels read strided q/k/v in place (docs/design.md §3).
         q, k, v = qkv.split([1, self.embed_dim, self.embed_dim], dim=1)
         if dropout:
             y = self._attend_with_dropout(q, k, v)

@@ -101,7 +101,7 @@ def _op(name: str, direction: str, backend: str):
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """DESIGN §5: errors name the argument and the expected shape."""
+    """docs/design.md §5: errors name the argument and the expected shape."""
     _check_float_like({"q": q, "k": k, "v": v}, like="k")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -163,7 +163,7 @@ if backends.compiled():  # the schemas exist: give them fake kernels
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-# --- Efficient additive attention (SwiftFormer), DESIGN §2 -------------------------------------
+# --- Efficient additive attention (SwiftFormer), docs/design.md §2 --------------------------------
 #
 #     additive_attention_forward(q, k, w_g, variant) -> (out, qn, g, a_norm)
 #     additive_attention_backward(grad_out, grad_qn, q, k, w_g, g, a_norm, variant)
@@ -234,7 +234,7 @@ class AdditiveAttentionFunction(torch.autograd.Function):
 
 
 def _check_additive_inputs(q: Tensor, k: Tensor, w_g: Tensor, variant: str) -> None:
-    """DESIGN §5: errors name the argument and the expected shape."""
+    """docs/design.md §5: errors name the argument and the expected shape."""
     if variant not in _ADDITIVE_VARIANTS:
         raise ValueError(f"variant must be one of {_ADDITIVE_VARIANTS}, got {variant!r}")
     _check_float_like({"q": q, "k": k, "w_g": w_g}, like="k")

@@ -1,6 +1,6 @@
 """The maths of the fused ops in plain PyTorch: the specification every kernel is tested against.
 
-Nothing here is fused or fast; it is written to be read next to ``DESIGN.md`` §1.
+Nothing here is fused or fast; it is written to be read next to ``docs/design.md`` §1.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def separable_attention_forward_reference(q: Tensor, k: Tensor, v: Tensor) -> tu
 def separable_attention_backward_reference(
     grad_y: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward op's contract: ``(dq, dk, dv)`` from DESIGN §1, in the input dtype."""
+    """The backward op's contract: ``(dq, dk, dv)`` from docs/design.md §1, in the input dtype."""
     acc = _acc_dtype(q.dtype)
     g, qf, kf, vf = grad_y.to(acc), q.to(acc), k.to(acc), v.to(acc)
     s = torch.softmax(qf, dim=-1)
@@ -72,7 +72,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# --- The whole layer, and the pieces of its fused form (DESIGN §1, "A layer-level identity") ---
+# --- The whole layer and the pieces of its fused form (docs/design.md §1, layer-level identity) --
 #
 # With s = softmax_N(q) summing to 1 and k = W_k x + b_k, ctx = W_k x̄ + b_k where x̄ = Σ_n s[n] x[n]:
 # the keys never exist. docs/layer_fusion.md derives the backward. The fused layer is two
@@ -159,7 +159,7 @@ def separable_layer_epilogue_backward_reference(
     return dv.to(v.dtype), (g * torch.relu(vf)).sum(dim=-1)
 
 
-# --- Efficient additive attention (SwiftFormer), DESIGN §2 -------------------------------------
+# --- Efficient additive attention (SwiftFormer), docs/design.md §2 --------------------------------
 
 # F.normalize's default, used for q, k and the token weights by every published SwiftFormer.
 ADDITIVE_EPS = 1e-12

@@ -1,4 +1,5 @@
-"""Specification of ``additive_attention`` (SwiftFormer, DESIGN §2): every backend, both variants.
+"""Specification of ``additive_attention`` (SwiftFormer, docs/design.md §2): every backend, both
+variants.
 
 The reference (``additive_attention_reference``, the published maths) is the oracle; its
 hand-derived backward is itself held to autograd in float64 first.
@@ -245,10 +246,10 @@ def _contract(backend):
 @pytest.mark.parametrize("where", NON_FINITE_INPUTS)
 @pytest.mark.parametrize("value", NON_FINITE, ids=str)
 def test_one_non_finite_element_gives_autograds_nan_pattern(backend, variant, where, value):
-    """DESIGN §5 for each input and incoming gradient in turn: the outputs, the saved G and ||a||,
-    and dq, dk, dw_g have NaN exactly where autograd through the published maths (and the forward
-    contract) has it, and equal values elsewhere. A clamp's branch taken on a false comparison
-    (``||k|| >= eps`` for a NaN norm) would give finite gradients there instead."""
+    """docs/design.md §5 for each input and incoming gradient in turn: the outputs, the saved G and
+    ||a||, and dq, dk, dw_g have NaN exactly where autograd through the published maths (and the
+    forward contract) has it, and equal values elsewhere. A clamp's branch taken on a false
+    comparison (``||k|| >= eps`` for a NaN norm) would give finite gradients there instead."""
     t = one_non_finite(where, value, "cpu" if backend == "reference" else device_of(backend))
     q, k, w = (t[name].requires_grad_() for name in ("q", "k", "w_g"))
     outs = additive_attention_reference(q, k, w, variant)

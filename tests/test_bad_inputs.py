@@ -1,4 +1,4 @@
-"""DESIGN §5: bad input raises an error that names the argument and the expected shape."""
+"""docs/design.md §5: bad input raises an error that names the argument and the expected shape."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
 """The CUDA C++ kernels (csrc/cuda/separable_attention.cu) where the shared specification tests
 (test_separable_attention.py, test_compile.py, which also run backend="cuda") do not reach: every
 vector width and the scalar fallback, channel tiles and N panels at the sizes that matter
-(DESIGN §3), float32 judged like fp16/bf16 against PyTorch's own error, ctx, tensors of more than
-2**31 elements, CUDA graphs, the device guard and bitwise determinism over many channel tiles.
+(docs/design.md §3), float32 judged like fp16/bf16 against PyTorch's own error, ctx, tensors of more
+than 2**31 elements, CUDA graphs, the device guard and bitwise determinism over many channel tiles.
 
 Skipped without a CUDA device or when the extension was built without its CUDA kernels.
 """
@@ -31,8 +31,9 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # the last place of the dtype (float32: accumulation order over thousands of terms).
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 # (B, C, P, N). N = 1, odd, beyond one panel (1000) and far beyond (4096); C = 1, 3, 256; B = 1
-# (many channel tiles per row), B = 0; DESIGN §3 stages at 256² and 384² (N = 36: 8-byte vectors
-# in 16-bit dtypes); and B·P ≥ 512 with C = 200 (one tile of 25 channel slots per lane group).
+# (many channel tiles per row), B = 0; docs/design.md §3 stages at 256² and 384² (N = 36: 8-byte
+# vectors in 16-bit dtypes); and B·P ≥ 512 with C = 200 (one tile of 25 channel slots per lane
+# group).
 SHAPES = [
     (1, 1, 4, 1),
     (2, 3, 4, 37),

@@ -1,4 +1,4 @@
-"""Specification of the MobileViTv2 models: the configuration table (DESIGN §3), parity with
+"""Specification of the MobileViTv2 models: the configuration table (docs/design.md §3), parity with
 transformers, the odd-size and dilation behaviours, fused vs unfused, torch.compile, and the
 preprocessing of the released checkpoints."""
 
@@ -19,7 +19,8 @@ from mvit2_kernels.models import (
 from mvit2_kernels.models.mobilevitv2 import MobileViTv2Block
 from mvit2_kernels.nn import SeparableAttention
 
-# DESIGN §3: width -> stem, L1, L2, (L3, L4, L5) channels, attention dims d, params (M, 1000 cls)
+# docs/design.md §3: width -> stem, L1, L2, (L3, L4, L5) channels, attention dims d,
+# params (M, 1000 classes)
 TABLE = {
     0.50: (16, 32, 64, (128, 192, 256), (64, 96, 128), 1.4),
     0.75: (24, 48, 96, (192, 288, 384), (96, 144, 192), 2.9),

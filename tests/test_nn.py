@@ -1,5 +1,5 @@
 """Specification of ``mvit2_kernels.nn.SeparableAttention``: the public implementations' layer,
-computed by the fused op (DESIGN §1)."""
+computed by the fused op (docs/design.md §1)."""
 
 import warnings
 

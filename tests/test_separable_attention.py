@@ -1,4 +1,5 @@
-"""Specification of ``separable_attention``: every backend matches the reference (DESIGN §1).
+"""Specification of ``separable_attention``: every backend matches the reference
+(docs/design.md §1).
 
 Parametrized over the backends usable here (conftest.BACKENDS); the reference is the oracle.
 """
@@ -146,7 +147,7 @@ def test_non_finite_values_propagate_like_the_reference(backend):
 
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 NON_FINITE_INPUTS = ["q", "k", "v", "grad_y"]
-# The backward takes sum_n s[n] ds[n] as sum_c dctx[c] ctx[c] (DESIGN §1), equal in real
+# The backward takes sum_n s[n] ds[n] as sum_c dctx[c] ctx[c] (docs/design.md §1), equal in real
 # arithmetic, not once an inf in v or grad_y makes a dctx infinite: ds[n] - dot is then inf - inf
 # only where the signs agree, where autograd's sum over n of mixed-sign infs is NaN everywhere.
 _DOT_IDENTITY = pytest.mark.xfail(
@@ -187,7 +188,7 @@ def _contract(backend):
 @pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
 @pytest.mark.parametrize(("where", "value"), list(_non_finite_cases()))
 def test_one_non_finite_element_gives_autograds_nan_pattern(backend, where, value):
-    """DESIGN §5 for each input and grad_y in turn: y, the saved ctx and dq, dk, dv have NaN
+    """docs/design.md §5 for each input and grad_y in turn: y, the saved ctx and dq, dk, dv have NaN
     exactly where autograd through the reference has it (a NaN score makes its softmax row NaN:
     a max that drops NaN must not hide it), and equal values elsewhere."""
     t = one_non_finite(where, value, "cpu" if backend == "reference" else device_of(backend))

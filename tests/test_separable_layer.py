@@ -1,6 +1,6 @@
 """Specification of ``separable_attention_layer``: the whole MobileViTv2 attention layer computed
-without the keys (DESIGN §1, "A layer-level identity") equals the standard layer, forward and
-every gradient, on every backend; its errors name the argument."""
+without the keys (docs/design.md §1, "A layer-level identity") equals the standard layer, forward
+and every gradient, on every backend; its errors name the argument."""
 
 import pytest
 import torch
@@ -142,7 +142,7 @@ NAN_AT = {  # one element of each input: batch 1, row p = 2 of x; the last chann
     pytest.param(w, marks=[] if w == "out_bias" else [_LAYER_IDENTITIES]) for w in NAN_AT
 ])
 def test_one_nan_gives_the_standard_layers_nan_pattern(where, backend):
-    """DESIGN §5: a NaN at one element of x, a weight, a bias or grad_out gives NaN in the
+    """docs/design.md §5: a NaN at one element of x, a weight, a bias or grad_out gives NaN in the
     output and every gradient exactly where autograd through the standard layer has it."""
     x, w_qkv, b_qkv, w_out, b_out = layer_inputs((2, 4, 3, 9, 4, 4), torch.float32,
                                                  device_of(backend))

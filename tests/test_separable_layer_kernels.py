@@ -219,10 +219,10 @@ def assert_nan_where_autograd_has_it(got, expected, names):
     ("where", "value"), list(_one_non_finite_cases(("x", "w_q", "grad_xbar"), ("grad_xbar",)))
 )
 def test_context_one_non_finite_element_gives_autograds_nan_pattern(backend, where, value):
-    """DESIGN §5 for x, w_q and dx̄ in turn: s, x̄, dx and dw_q have NaN exactly where autograd
-    through the forward contract has it (a max that drops a NaN score must not leave its softmax
-    row finite), and equal values elsewhere. Row p = 1 only; D = 18 ends in single channels on
-    CPU, in a third D tile under Triton's interpreter, N = 37 in a ragged vector or tile."""
+    """docs/design.md §5 for x, w_q and dx̄ in turn: s, x̄, dx and dw_q have NaN exactly where
+    autograd through the forward contract has it (a max that drops a NaN score must not leave its
+    softmax row finite), and equal values elsewhere. Row p = 1 only; D = 18 ends in single channels
+    on CPU, in a third D tile under Triton's interpreter, N = 37 in a ragged vector or tile."""
     device = "cpu" if backend == "reference" else device_of(backend)
     x, w_q, _, xbar = context_inputs((1, 18, 2, 37), torch.float32, device)
     grad_xbar = randn(*xbar.shape, device=device, seed=3)
@@ -242,9 +242,9 @@ def test_context_one_non_finite_element_gives_autograds_nan_pattern(backend, whe
 @pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
 @pytest.mark.parametrize(("where", "value"), list(_one_non_finite_cases(("v", "ctx", "grad_y"))))
 def test_epilogue_one_non_finite_element_gives_autograds_nan_pattern(backend, where, value):
-    """DESIGN §5 for v, ctx and grad_y in turn: y, dv and dctx have NaN exactly where autograd
-    through relu(v) * ctx has it (relu keeps NaN, its backward passes the gradient at a NaN v and
-    blocks it, 0 and not 0 * inf, where v <= 0), and equal values elsewhere."""
+    """docs/design.md §5 for v, ctx and grad_y in turn: y, dv and dctx have NaN exactly where
+    autograd through relu(v) * ctx has it (relu keeps NaN, its backward passes the gradient at a NaN
+    v and blocks it, 0 and not 0 * inf, where v <= 0), and equal values elsewhere."""
     device = "cpu" if backend == "reference" else device_of(backend)
     v, ctx, grad_y = epilogue_inputs((1, 3, 2, 37), torch.float32, device)
     tensors = {"v": v, "ctx": ctx, "grad_y": grad_y}

@@ -21,7 +21,7 @@ from mvit2_kernels.models.swiftformer import (
 )
 from mvit2_kernels.nn import EfficientAdditiveAttention
 
-# The paper's parameter counts (millions) of the released configurations (DESIGN §3).
+# The paper's parameter counts (millions) of the released configurations (docs/design.md §3).
 PARAMS = {"xs": 3.5, "s": 6.1, "l1": 12.1, "l3": 28.5}
 FACTORIES = {"xs": swiftformer_xs, "s": swiftformer_s, "l1": swiftformer_l1, "l3": swiftformer_l3}
 SMALL = {"depths": [2, 1, 1, 2], "embed_dims": [16, 24, 32, 40]}  # fast, every block kind

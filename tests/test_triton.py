@@ -1,4 +1,4 @@
-"""The Triton backend of separable attention, held to the reference (DESIGN §1).
+"""The Triton backend of separable attention, held to the reference (docs/design.md §1).
 
 On a machine without a GPU this runs through Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), which uses one fixed config: BLOCK_C = 16 channels, BLOCK_N = 64 patches. The

@@ -1,4 +1,4 @@
-// Efficient additive attention (SwiftFormer), CPU. The maths is DESIGN.md §2 (both published
+// Efficient additive attention (SwiftFormer), CPU. The maths is docs/design.md §2 (both published
 // variants); mvit2_kernels/reference.py is the oracle.
 //
 // Forward: one pass over q per (batch, token chunk) writes qn and accumulates the chunk's

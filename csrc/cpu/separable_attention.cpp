@@ -1,6 +1,6 @@
 // Separable self-attention (MobileViTv2), CPU: one pass over k and v (forward) and over
 // grad_y, v and k (backward) per (row, channel block), vectorised with at::vec, accumulating
-// fp16/bf16 in float32. The maths is DESIGN.md §1; mvit2_kernels/reference.py is the oracle.
+// fp16/bf16 in float32. The maths is docs/design.md §1; mvit2_kernels/reference.py is the oracle.
 #include "vec_isa.h"  // first: it configures at::vec
 
 #include <ATen/Dispatch.h>

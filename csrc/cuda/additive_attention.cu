@@ -1,5 +1,5 @@
 // Efficient additive attention (SwiftFormer), CUDA. Mirrors csrc/cpu/additive_attention.cpp and
-// mvit2_kernels/triton/additive_attention.py; the maths is DESIGN.md §2; reference.py is the
+// mvit2_kernels/triton/additive_attention.py; the maths is docs/design.md §2; reference.py is the
 // oracle.
 //
 // A block owns (batch b, a chunk of tokens, a tile of up to kDTile features); each warp takes the

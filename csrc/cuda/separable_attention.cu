@@ -1,7 +1,7 @@
 // Separable self-attention (MobileViTv2), CUDA: one block per (row b·P+p, channel tile) streams
 // the tile's k and v rows (forward) or grad_y, v and k rows (backward) once, with vector loads of
 // up to 16 bytes where alignment allows, accumulating fp16/bf16 in float32. Mirrors
-// csrc/cpu/separable_attention.cpp; the maths is DESIGN.md §1; reference.py is the oracle.
+// csrc/cpu/separable_attention.cpp; the maths is docs/design.md §1; reference.py is the oracle.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>

@@ -1,6 +1,6 @@
 """MobileViTv2 (Mehta & Rastegari, 2022) with the fused separable attention.
 
-The structure and numerics follow ml-cvnets, transformers and timm (DESIGN.md §3); where they
+The structure and numerics follow ml-cvnets, transformers and timm (docs/design.md §3); where they
 differ the behaviour is an argument:
 
 * ``odd_size="resize"`` (ml-cvnets, timm): a MobileViT block whose input has an odd height or
@@ -40,7 +40,7 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 
 
 def mobilevitv2_channels(width: float) -> dict[str, tuple[int, ...]]:
-    """Channel counts at a width multiplier: the table of DESIGN.md §3.
+    """Channel counts at a width multiplier: the table of docs/design.md §3.
 
     Returns ``{"stem": (c,), "stages": (c1, ..., c5), "attn": (d3, d4, d5), "ffn": (f3, f4, f5)}``.
     """
@@ -180,7 +180,7 @@ class MobileViTv2(nn.Module):
     """MobileViTv2 image classifier (or backbone with ``num_classes=0``).
 
     Args:
-        width: width multiplier α (0.5 … 2.0 in the releases; DESIGN.md §3).
+        width: width multiplier α (0.5 … 2.0 in the releases; docs/design.md §3).
         num_classes: classifier outputs; 0 drops the classifier and returns pooled features.
         fused, backend: passed to every :class:`~mvit2_kernels.nn.SeparableAttention`.
         output_stride: 32, 16 or 8; below 32 the last stages are dilated instead of strided.

@@ -1,7 +1,7 @@
 """SwiftFormer (Shaker et al., ICCV 2023) with the fused efficient additive attention.
 
 Structure and numerics follow the original code (github.com/Amshaker/SwiftFormer), timm and
-transformers (DESIGN.md §3): a two-conv stem to 1/4 resolution, four stages of ConvEncoders
+transformers (docs/design.md §3): a two-conv stem to 1/4 resolution, four stages of ConvEncoders
 whose last block is a SwiftFormer encoder (local representation, additive attention, MLP; each
 residual scaled per channel), 3×3 stride-2 conv-BN downsampling between stages, and BatchNorm,
 global average pooling and the classification and distillation heads, whose logits are averaged.
@@ -31,7 +31,7 @@ __all__ = [
     "swiftformer_xs",
 ]
 
-# name -> (depths, dims): the published configurations (DESIGN §3).
+# name -> (depths, dims): the published configurations (docs/design.md §3).
 CONFIGS = {
     "xs": ((3, 3, 6, 4), (48, 56, 112, 220)),
     "s": ((3, 3, 9, 6), (48, 64, 168, 224)),

@@ -11,7 +11,7 @@ small kernel sums in chunk order, so results do not depend on scheduling (no ato
     backward: (grad_out, k) pass -> dk, partial dG | reduce -> dG, dG . G
               (grad_qn, q) pass -> dq, partial dw_g | reduce -> dw_g
 
-The maths is DESIGN.md §2; ``mvit2_kernels/reference.py`` is the oracle. Inputs are read with
+The maths is docs/design.md §2; ``mvit2_kernels/reference.py`` is the oracle. Inputs are read with
 their batch and token strides and unit stride along D; fp16/bf16 are upcast as they are loaded
 and everything is accumulated in the dtype of the saved statistics (float32, or float64).
 """

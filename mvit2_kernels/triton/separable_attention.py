@@ -3,7 +3,7 @@
 The layout mirrors ``csrc/cpu/separable_attention.cpp``: one program per (row ``b, p``, tile of
 ``BLOCK_C`` channels). Each program recomputes the row's softmax over N from q (1/C of the data)
 in two passes (max, then sum), looping over ``BLOCK_N`` tiles so any N fits. The maths is
-DESIGN.md §1; ``mvit2_kernels/reference.py`` is the oracle.
+docs/design.md §1; ``mvit2_kernels/reference.py`` is the oracle.
 
 Inputs are indexed with the strides of dims 0..2 and unit stride along N, so the q/k/v views of
 one qkv tensor are read in place. fp16/bf16 are upcast to float32 as they are loaded; float32 and
