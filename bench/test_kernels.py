@@ -22,7 +22,7 @@ IMPLS = ["copy", "eager", "compile", *kernels.kernel_backends(DEVICE)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("pass_", kernels.PASSES, ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("pass_", list(kernels.PASSES), ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", kernels.DEVICE_DTYPES[DEVICE])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s.name for s in SHAPES])
 def test_kernel(benchmark, shape, dtype, pass_, impl):

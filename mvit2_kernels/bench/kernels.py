@@ -26,7 +26,6 @@ from .timing import Budget, last_level_cache_bytes, rotating, rotation_count, ti
 
 __all__ = ["DEVICE_DTYPES", "DTYPES", "OPS", "PASSES", "Op", "kernel_backends", "time_group"]
 
-PASSES = ("forward", "forward+backward")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 has no fast CPU kernels in PyTorch's eager ops: the baselines would not be representative.
 DEVICE_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp16", "bf16", "fp32")}
@@ -35,6 +34,19 @@ DEVICE_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp16", "bf16", "fp32")}
 ADDITIVE_VARIANT = "normalize"
 RATIOS = {"floor_fraction": "copy", "speedup_vs_eager": "eager", "speedup_vs_compile": "compile"}
 Inputs = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # the op's inputs, grads
+
+
+def _forward_backward(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def step(*tensors: torch.Tensor):
+        inputs, grads = tensors[:3], tensors[3:]  # both ops take three inputs
+        out = fn(*inputs)
+        return torch.autograd.grad(out if isinstance(out, tuple) else (out,), inputs, grads)
+
+    return step
+
+
+# pass -> what it makes of the op's function; every pass but "forward" gets output gradients.
+PASSES = {"forward": lambda fn: fn, "forward+backward": _forward_backward}
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,7 @@ def kernel_backends(device: str) -> list[str]:
 
 def op_bytes(shape: Shape, dtype: torch.dtype, pass_: str) -> int:
     """Bytes the op must move at least: the copy floor's bytes."""
-    return OPS[shape.op].moved(shape, pass_ == "forward+backward") * dtype.itemsize
+    return OPS[shape.op].moved(shape, pass_ != "forward") * dtype.itemsize
 
 
 def impl_callable(impl: str, pass_: str, op: str) -> Callable[..., Any]:
@@ -118,21 +130,13 @@ def impl_callable(impl: str, pass_: str, op: str) -> Callable[..., Any]:
         def fn(*inputs: torch.Tensor):
             return spec.kernel(*inputs, backend=impl)
 
-    if pass_ == "forward":
-        return fn
-
-    def forward_backward(*tensors: torch.Tensor):
-        inputs, grads = tensors[:3], tensors[3:]  # both ops take three inputs
-        out = fn(*inputs)
-        return torch.autograd.grad(out if isinstance(out, tuple) else (out,), inputs, grads)
-
-    return forward_backward
+    return PASSES[pass_](fn)
 
 
 def input_sets(shape: Shape, dtype: torch.dtype, device: str, pass_: str, cache: int) -> list:
     """Enough independent ``(*inputs, *grads)`` sets to outgrow ``cache`` twice over; for a
     backward the inputs are leaves that require grad (views keep sharing their base)."""
-    backward = pass_ == "forward+backward"
+    backward = pass_ != "forward"
 
     def one():
         inputs, grads = OPS[shape.op].inputs(shape, dtype, device, backward)
