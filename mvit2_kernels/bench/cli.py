@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import functools
 import sys
+import textwrap
 from collections.abc import Sequence
 
 import torch
@@ -65,8 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mvit2-bench" + ("" if command == "ops" else f" {command}"),
-        description=DESCRIPTION[command],
-        epilog=EPILOG if command in ("ops", "layer") else None,
+        description=DESCRIPTION[command] if command == "ops" else textwrap.fill(
+            DESCRIPTION[command], 79),
+        epilog=textwrap.fill(EPILOG, 79) if command in ("ops", "layer") else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = p.add_argument
