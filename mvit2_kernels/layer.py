@@ -82,16 +82,16 @@ class SeparableLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_qkv, b_qkv, w_out, b_out, backend: str):
         out, saved = _layer_forward(x, w_qkv, b_qkv, w_out, b_out, backend, keep=True)
-        ctx.save_for_backward(x, w_qkv, w_out, *saved)
+        ctx.save_for_backward(x, w_qkv, b_qkv, w_out, *saved)
         ctx.backend, ctx.has_bias = backend, (b_qkv is not None, b_out is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, w_qkv, w_out, s, xbar, attn_ctx, v, y = ctx.saved_tensors
+        x, w_qkv, b_qkv, w_out, s, xbar, attn_ctx, v, y = ctx.saved_tensors
         with autocast_off(x.device):  # backward() may be called inside the autocast region
-            grads = _layer_backward(grad_out.contiguous(), x, w_qkv, w_out, s, xbar, attn_ctx,
-                                    v, y, ctx.backend)
+            grads = _layer_backward(grad_out.contiguous(), x, w_qkv, b_qkv, w_out, s, xbar,
+                                    attn_ctx, v, y, ctx.backend)
         d_x, d_wqkv, d_bqkv, d_wout, d_bout = grads
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
             d_x, d_wqkv, d_wout = _NoDoubleBackward.apply(
@@ -111,8 +111,10 @@ def _layer_forward(x, w_qkv, b_qkv, w_out, b_out, backend: str, *, keep: bool):
     s, xbar = _op("separable_layer_context", "forward", backend)(x, w_q[0].contiguous())
     # ctx = W_k x̄ + b_k for every (b, p), in the accumulation dtype.
     attn_ctx = _per_row(w_k.to(acc), xbar)
-    if b_k is not None:
-        attn_ctx += b_k.to(acc)[:, None]
+    if b_qkv is not None:
+        # q's bias shifts every score of a row alike, which the softmax ignores; but a NaN or
+        # infinite one makes the standard layer's scores NaN, and 0 * b_q carries that here.
+        attn_ctx += b_k.to(acc)[:, None] + 0 * b_qkv[0].to(acc)
     if _project_fused(backend, x):
         out, v, y = torch.ops.mvit2.separable_layer_project_forward(
             x, w_v, b_v, attn_ctx, w_out, b_out, keep)
@@ -123,7 +125,7 @@ def _layer_forward(x, w_qkv, b_qkv, w_out, b_out, backend: str, *, keep: bool):
     return out, (s, xbar, attn_ctx, v, y)
 
 
-def _layer_backward(grad_out, x, w_qkv, w_out, s, xbar, attn_ctx, v, y, backend: str):
+def _layer_backward(grad_out, x, w_qkv, b_qkv, w_out, s, xbar, attn_ctx, v, y, backend: str):
     """``(dx, d qkv_weight, d qkv_bias, d out_weight, d out_bias)``; docs/layer_fusion.md."""
     B, D, P, N = x.shape
     C = (w_qkv.shape[0] - 1) // 2
@@ -140,6 +142,8 @@ def _layer_backward(grad_out, x, w_qkv, w_out, s, xbar, attn_ctx, v, y, backend:
         dy = _project(w_out.t().contiguous(), None, grad_out)
         dv, dctx = _op("separable_layer_epilogue", "backward", backend)(dy, v, attn_ctx)
     d_bout = grad_out.sum(dim=(0, 2, 3), dtype=acc)
+    if b_qkv is not None:  # a non-finite b_q: NaN scores in the standard layer (see the forward)
+        dctx = dctx + 0 * b_qkv[0].to(acc)
     dv3 = dv.view(B, C, P * N)
     if fused:
         d_wv = ops.separable_layer_project_weight_backward(dv, x)
@@ -149,6 +153,11 @@ def _layer_backward(grad_out, x, w_qkv, w_out, s, xbar, attn_ctx, v, y, backend:
     # One GEMM over the B·P columns (a batched one of depth P would write B partial products).
     d_wk = torch.mm(_columns(dctx), _columns(xbar).t())
     dxbar = _per_row(w_k.t().to(acc), dctx)
+    if b_qkv is not None:
+        # The scores' gradient ds[n] = dctx . k[n] = dx̄ . x[n] + dctx . b_k: the softmax backward
+        # cancels the constant dctx . b_k, unless it is NaN (a NaN key bias); 0 * it keeps that.
+        shift = torch.einsum("bcp,c->bp", dctx, b_qkv[1:C + 1].to(acc))
+        dxbar += 0 * shift[:, None, :]
     dx, d_wq = _op("separable_layer_context", "backward", backend)(dxbar, x, w_q[0], s, xbar)
     if fused:  # + W_v^T dv, in place
         ops.separable_layer_project_input_backward(dx, dv, w_v)
@@ -157,8 +166,12 @@ def _layer_backward(grad_out, x, w_qkv, w_out, s, xbar, attn_ctx, v, y, backend:
         dx.view(B, D, P * N).baddbmm_(w_v.t().contiguous().expand(B, D, C), dv3)
 
     d_wqkv = torch.cat([d_wq[None], d_wk, d_wv])
-    # q's bias shifts every score of a row alike, which the softmax ignores: its gradient is 0.
-    d_bqkv = torch.cat([d_wq.new_zeros(1), dctx.sum(dim=(0, 2)), dv3.sum(dim=(0, 2), dtype=acc)])
+    # q's bias shifts every score of a row alike, which the softmax ignores: its gradient Σ dq
+    # is 0, written 0 * Σ_d dw_q[d] (= 0 * Σ dq x) to be NaN where autograd's Σ dq is. k's is
+    # Σ_n dctx s[n] = dctx · Σ_n s[n] (1, or NaN where the scores are).
+    d_bq = 0 * d_wq.sum()[None]
+    d_bk = torch.einsum("bcp,bp->c", dctx, s.sum(dim=-1))
+    d_bqkv = torch.cat([d_bq, d_bk, dv3.sum(dim=(0, 2), dtype=acc)])
     dt = w_qkv.dtype
     return dx, d_wqkv.to(dt), d_bqkv.to(dt), d_wout.to(dt), d_bout.to(dt)
 

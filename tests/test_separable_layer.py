@@ -124,31 +124,26 @@ def test_nan_in_x_spoils_its_row_like_the_standard_layer(backend):
     torch.testing.assert_close(out[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
-# The fused layer's identities hold in real arithmetic, not for NaN (layer.py): q's bias is not
-# added to the scores and its gradient is a constant 0 (autograd's is sum_n dq, NaN with dq);
-# k's bias gradient is dctx (autograd's sum_n dctx s[n], NaN with s); ds misses the
-# sum_c dctx b_k shift, which the softmax backward cancels unless it is NaN.
-_LAYER_IDENTITIES = pytest.mark.xfail(
-    strict=True, reason="layer.py: b_q dropped, d b_q = 0 and d b_k = dctx by identities"
-)
-NAN_AT = {  # one element of each input: batch 1, row p = 2 of x; the last channel of a weight
-    "x": (1, 3, 2, 8), "qkv_weight": (8, 3, 0, 0), "qkv_bias": (4,), "out_weight": (3, 3, 0, 0),
-    "out_bias": (3,), "grad_out": (1, 3, 2, 8),
-}
+NAN_AT = [  # one element of each input: batch 1, row p = 2 of x; a weight's last channel; q's bias
+    ("x", (1, 3, 2, 8)), ("qkv_weight", (8, 3, 0, 0)), ("qkv_weight", (0, 1, 0, 0)),
+    ("qkv_bias", (4,)), ("qkv_bias", (0,)), ("out_weight", (3, 3, 0, 0)), ("out_bias", (3,)),
+    ("grad_out", (1, 3, 2, 8)),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("where", [
-    pytest.param(w, marks=[] if w == "out_bias" else [_LAYER_IDENTITIES]) for w in NAN_AT
-])
-def test_one_nan_gives_the_standard_layers_nan_pattern(where, backend):
-    """docs/design.md §5: a NaN at one element of x, a weight, a bias or grad_out gives NaN in the
-    output and every gradient exactly where autograd through the standard layer has it."""
+@pytest.mark.parametrize("where, index", NAN_AT, ids=lambda a: str(a).replace(" ", ""))
+def test_one_nan_gives_the_standard_layers_nan_pattern(where, index, backend):
+    """docs/design.md §5: a NaN at one element of x, a weight, a bias or grad_out gives NaN in
+    the output and every gradient exactly where autograd through the standard layer has it,
+    although the fused layer drops q's bias and the softmax backward's constant shift by
+    identities that hold only for finite values."""
     x, w_qkv, b_qkv, w_out, b_out = layer_inputs((2, 4, 3, 9, 4, 4), torch.float32,
                                                  device_of(backend))
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(x.device)
-    tensors = dict(zip(NAN_AT, (x, w_qkv, b_qkv, w_out, b_out, grad_out), strict=True))
-    tensors[where][NAN_AT[where]] = float("nan")
+    names = ("x", "qkv_weight", "qkv_bias", "out_weight", "out_bias", "grad_out")
+    tensors = dict(zip(names, (x, w_qkv, b_qkv, w_out, b_out, grad_out), strict=True))
+    tensors[where][index] = float("nan")
     inputs = (x, w_qkv, b_qkv, w_out, b_out)
     out, got = grads(lambda *t: separable_attention_layer(*t, backend=backend), inputs, grad_out)
     ref, expected = grads(separable_layer_reference, inputs, grad_out)
