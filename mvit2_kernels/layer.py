@@ -21,14 +21,9 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .ops import (
-    _acc_dtype,
-    _check_float_like,
-    _NoDoubleBackward,
-    _op,
-    autocast_inputs,
-    autocast_off,
-)
+from .autograd import NoDoubleBackward
+from .checks import acc_dtype, autocast_inputs, autocast_off, check_layer_inputs
+from .kernels import kernel
 from .reference import separable_layer_reference
 
 __all__ = ["separable_attention_layer"]
@@ -63,7 +58,7 @@ def separable_attention_layer(
     """
     x, qkv_weight, qkv_bias, out_weight, out_bias = autocast_inputs(
         x, qkv_weight, qkv_bias, out_weight, out_bias)
-    w_qkv, w_out = _check_layer_inputs(x, qkv_weight, qkv_bias, out_weight, out_bias)
+    w_qkv, w_out = check_layer_inputs(x, qkv_weight, qkv_bias, out_weight, out_bias)
     backend = backends.resolve_backend(backend, x.device)
     with autocast_off(x.device):
         if backend == "reference":
@@ -94,7 +89,7 @@ class SeparableLayerFunction(torch.autograd.Function):
                                     attn_ctx, v, y, ctx.backend)
         d_x, d_wqkv, d_bqkv, d_wout, d_bout = grads
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
-            d_x, d_wqkv, d_wout = _NoDoubleBackward.apply(
+            d_x, d_wqkv, d_wout = NoDoubleBackward.apply(
                 "separable_attention_layer", grad_out, x, w_qkv, w_out, d_x, d_wqkv, d_wout)
         d_bqkv = d_bqkv if ctx.has_bias[0] else None
         d_bout = d_bout if ctx.has_bias[1] else None
@@ -106,9 +101,9 @@ def _layer_forward(x, w_qkv, b_qkv, w_out, b_out, backend: str, *, keep: bool):
     C = (w_qkv.shape[0] - 1) // 2
     w_q, w_k, w_v = w_qkv.split([1, C, C])
     b_k, b_v = (None, None) if b_qkv is None else b_qkv[1:].split([C, C])
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
 
-    s, xbar = _op("separable_layer_context", "forward", backend)(x, w_q[0].contiguous())
+    s, xbar = kernel("separable_layer_context_forward", backend)(x, w_q[0].contiguous())
     # ctx = W_k x̄ + b_k for every (b, p), in the accumulation dtype.
     attn_ctx = _per_row(w_k.to(acc), xbar)
     if b_qkv is not None:
@@ -116,11 +111,11 @@ def _layer_forward(x, w_qkv, b_qkv, w_out, b_out, backend: str, *, keep: bool):
         # infinite one makes the standard layer's scores NaN, and 0 * b_q carries that here.
         attn_ctx += b_k.to(acc)[:, None] + 0 * b_qkv[0].to(acc)
     if _project_fused(backend, x):
-        out, v, y = torch.ops.mvit2.separable_layer_project_forward(
+        out, v, y = kernel("separable_layer_project_forward", backend)(
             x, w_v, b_v, attn_ctx, w_out, b_out, keep)
     else:
         v = _project(w_v, b_v, x)
-        y = _op("separable_layer_epilogue", "forward", backend)(v, attn_ctx)
+        y = kernel("separable_layer_epilogue_forward", backend)(v, attn_ctx)
         out = _project(w_out, b_out, y)
     return out, (s, xbar, attn_ctx, v, y)
 
@@ -130,23 +125,22 @@ def _layer_backward(grad_out, x, w_qkv, b_qkv, w_out, s, xbar, attn_ctx, v, y, b
     B, D, P, N = x.shape
     C = (w_qkv.shape[0] - 1) // 2
     w_q, w_k, w_v = w_qkv.split([1, C, C])
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
 
     fused = _project_fused(backend, x)
-    ops = torch.ops.mvit2
     if fused:
-        d_wout = ops.separable_layer_project_weight_backward(grad_out, y)
-        dv, dctx = ops.separable_layer_project_backward(grad_out, v, attn_ctx, w_out)
+        d_wout = kernel("separable_layer_project_weight_backward", backend)(grad_out, y)
+        dv, dctx = kernel("separable_layer_project_backward", backend)(grad_out, v, attn_ctx, w_out)
     else:
         d_wout = _weight_grad(grad_out, y).to(acc)
         dy = _project(w_out.t().contiguous(), None, grad_out)
-        dv, dctx = _op("separable_layer_epilogue", "backward", backend)(dy, v, attn_ctx)
+        dv, dctx = kernel("separable_layer_epilogue_backward", backend)(dy, v, attn_ctx)
     d_bout = grad_out.sum(dim=(0, 2, 3), dtype=acc)
     if b_qkv is not None:  # a non-finite b_q: NaN scores in the standard layer (see the forward)
         dctx = dctx + 0 * b_qkv[0].to(acc)
     dv3 = dv.view(B, C, P * N)
     if fused:
-        d_wv = ops.separable_layer_project_weight_backward(dv, x)
+        d_wv = kernel("separable_layer_project_weight_backward", backend)(dv, x)
     else:
         d_wv = _weight_grad(dv, x).to(acc)
     # ctx = W_k x̄ + b_k: dW_k = Σ_{b,p} dctx ⊗ x̄, dx̄ = W_k^T dctx.
@@ -158,9 +152,9 @@ def _layer_backward(grad_out, x, w_qkv, b_qkv, w_out, s, xbar, attn_ctx, v, y, b
         # cancels the constant dctx . b_k, unless it is NaN (a NaN key bias); 0 * it keeps that.
         shift = torch.einsum("bcp,c->bp", dctx, b_qkv[1:C + 1].to(acc))
         dxbar += 0 * shift[:, None, :]
-    dx, d_wq = _op("separable_layer_context", "backward", backend)(dxbar, x, w_q[0], s, xbar)
+    dx, d_wq = kernel("separable_layer_context_backward", backend)(dxbar, x, w_q[0], s, xbar)
     if fused:  # + W_v^T dv, in place
-        ops.separable_layer_project_input_backward(dx, dv, w_v)
+        kernel("separable_layer_project_input_backward", backend)(dx, dv, w_v)
     else:
         # A contiguous W_v^T: the library's bf16 GEMM on the transposed view is 3x slower.
         dx.view(B, D, P * N).baddbmm_(w_v.t().contiguous().expand(B, D, C), dv3)
@@ -213,55 +207,17 @@ def _project_fused(backend: str, x: Tensor) -> bool:
     return backend == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
-def _check_layer_inputs(x, qkv_weight, qkv_bias, out_weight, out_bias) -> tuple[Tensor, Tensor]:
-    """DESIGN §5 for the layer; returns the weights as 2-D ``[1 + 2C, D]`` and ``[D_out, C]``."""
-    tensors = {"x": x, "qkv_weight": qkv_weight, "out_weight": out_weight}
-    if qkv_bias is not None:
-        tensors["qkv_bias"] = qkv_bias
-    if out_bias is not None:
-        tensors["out_bias"] = out_bias
-    _check_float_like(tensors, like="x")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor [B, D, P, N], got shape {list(x.shape)}")
-    D = x.shape[1]
-    w_qkv = _as_matrix(qkv_weight, "qkv_weight", "[1 + 2C, D, 1, 1]")
-    w_out = _as_matrix(out_weight, "out_weight", "[D_out, C, 1, 1]")
-    rows = w_qkv.shape[0]
-    if rows % 2 == 0 or w_qkv.shape[1] != D:
-        raise ValueError(
-            f"qkv_weight must have shape [1 + 2C, D, 1, 1] with D = {D} (x's channels), "
-            f"got {list(qkv_weight.shape)}")
-    C = (rows - 1) // 2
-    if w_out.shape[1] != C:
-        raise ValueError(
-            f"out_weight must have shape [D_out, C, 1, 1] with C = {C} (from qkv_weight), "
-            f"got {list(out_weight.shape)}")
-    for name, b, n in (("qkv_bias", qkv_bias, rows), ("out_bias", out_bias, w_out.shape[0])):
-        if b is not None and tuple(b.shape) != (n,):
-            raise ValueError(f"{name} must have shape [{n}], got {list(b.shape)}")
-    return w_qkv, w_out
-
-
-def _as_matrix(w: Tensor, name: str, want: str) -> Tensor:
-    if w.dim() == 4 and w.shape[2:] == (1, 1):
-        w = w.flatten(1)
-    if w.dim() != 2:
-        raise ValueError(f"{name} must have shape {want} (a 1×1 convolution's weight), "
-                         f"got {list(w.shape)}")
-    return w.contiguous()
-
-
 if backends.compiled():  # the schemas exist: give them fake kernels
 
     @torch.library.register_fake("mvit2::separable_layer_context_forward")
     def _(x: Tensor, w_q: Tensor):
         B, D, P, N = x.shape
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         return x.new_empty((B, P, N), dtype=acc), x.new_empty((B, D, P), dtype=acc)
 
     @torch.library.register_fake("mvit2::separable_layer_context_backward")
     def _(grad_xbar, x, w_q, s, xbar):
-        return x.new_empty(x.shape), x.new_empty(w_q.shape, dtype=_acc_dtype(x.dtype))
+        return x.new_empty(x.shape), x.new_empty(w_q.shape, dtype=acc_dtype(x.dtype))
 
     @torch.library.register_fake("mvit2::separable_layer_epilogue_forward")
     def _(v: Tensor, ctx: Tensor):
@@ -283,7 +239,7 @@ if backends.compiled():  # the schemas exist: give them fake kernels
 
     @torch.library.register_fake("mvit2::separable_layer_project_weight_backward")
     def _(grad, input):
-        return grad.new_empty((grad.shape[1], input.shape[1]), dtype=_acc_dtype(grad.dtype))
+        return grad.new_empty((grad.shape[1], input.shape[1]), dtype=acc_dtype(grad.dtype))
 
     @torch.library.register_fake("mvit2::separable_layer_project_input_backward")
     def _(dx, dv, w):

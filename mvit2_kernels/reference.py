@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import acc_dtype
+
 __all__ = [
     "additive_attention_backward_reference",
     "additive_attention_forward_reference",
@@ -46,7 +48,7 @@ def separable_attention_forward_reference(q: Tensor, k: Tensor, v: Tensor) -> tu
     fp16/bf16 are computed in float32 (as the kernels accumulate); ``y`` is returned in the
     input dtype and ``ctx: Tensor[B, C, P, 1]`` in float32 (float64 for float64 inputs).
     """
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     s = torch.softmax(qf, dim=-1)
     ctx = (kf * s).sum(dim=-1, keepdim=True)
@@ -57,7 +59,7 @@ def separable_attention_backward_reference(
     grad_y: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward op's contract: ``(dq, dk, dv)`` from docs/design.md §1, in the input dtype."""
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     g, qf, kf, vf = grad_y.to(acc), q.to(acc), k.to(acc), v.to(acc)
     s = torch.softmax(qf, dim=-1)
     dv = torch.where(vf <= 0, 0.0, g * ctx)  # relu's backward: NaN v passes the gradient
@@ -66,10 +68,6 @@ def separable_attention_backward_reference(
     ds = (dctx * kf).sum(dim=1, keepdim=True)
     dq = s * (ds - (dctx * ctx).sum(dim=1, keepdim=True))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- The whole layer and the pieces of its fused form (docs/design.md §1, layer-level identity) --
@@ -116,7 +114,7 @@ def separable_layer_context_forward_reference(x: Tensor, w_q: Tensor) -> tuple[T
         ``(s, xbar)``: ``s = softmax_N(w_q · x): Tensor[B, P, N]`` and
         ``xbar = sum_n s[n] x[:, n]: Tensor[B, D, P]``, both in float32 (float64 for float64).
     """
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     s = torch.softmax(torch.einsum("d,bdpn->bpn", w_q.to(acc), xf), dim=-1)
     return s, torch.einsum("bpn,bdpn->bdp", s, xf).contiguous()
@@ -132,7 +130,7 @@ def separable_layer_context_backward_reference(
     ``W_v^T dv``); ``dw_q = sum_{b,p,n} dq[n] x[:, n]`` in float32 (float64 for float64).
     grad_xbar is ``Tensor[B, D, P]`` in that accumulation dtype, like s and xbar.
     """
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     ds = torch.einsum("bdp,bdpn->bpn", grad_xbar, xf)
     dq = s * (ds - (grad_xbar * xbar).sum(dim=1)[..., None])
@@ -211,7 +209,7 @@ def additive_attention_forward_reference(
     (float64 for float64 inputs). The per-token norms are not saved: the backward recomputes them
     from the rows it reads anyway.
     """
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     qf, kf, wf = q.to(acc), k.to(acc), w_g.to(acc)
     qn = F.normalize(qf, dim=-1, eps=ADDITIVE_EPS)
     kn = F.normalize(kf, dim=-1, eps=ADDITIVE_EPS)
@@ -247,7 +245,7 @@ def additive_attention_backward_reference(
         dqn[n]  = grad_qn[n] + alpha[n] dG + da[n] * scale * w_g
         dw_g    = sum_{b, n} da[n] * scale * qn[n]
     """
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     go, gq, qf, kf, wf = (t.to(acc) for t in (grad_out, grad_qn, q, k, w_g))
     scale = _additive_scale(q.shape[-1])
     qn, q_norm = _normalize_with_norm(qf)

@@ -126,6 +126,25 @@ def test_ops_under_autocast_cast_like_a_convolution(amp):
         assert t.grad.dtype == torch.float32 and t.grad.isfinite().all()
 
 
+def test_compiled_fused_modules_under_autocast_match_eager():
+    """``torch.compile(fullgraph=True)`` traces the autocast boundary of the ops (no graph
+    break) and gives eager's results within bf16's rounding."""
+    layer, attn = separable(True), additive(True)
+
+    def step(x, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x).float().square().sum() + attn(t).float().square().sum()
+
+    x, t = torch.randn(2, 16, 4, 12), torch.randn(2, 10, 16)
+    params = [*layer.parameters(), *attn.parameters()]
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        loss = fn(x, t)
+        results.append([loss.detach(), *torch.autograd.grad(loss, params)])
+    for a, b in zip(*results, strict=True):
+        assert norm_err(a, b) <= 1e-2
+
+
 def test_backward_inside_the_autocast_region_keeps_float32_glue():
     """``loss.backward()`` called inside ``torch.autocast`` (common in training loops) runs the
     fused layer's backward with autocast off, as its forward ran: same gradients as outside."""

@@ -29,7 +29,7 @@ if "triton" not in available_backends():
 
 from test_triton import assert_close_in
 
-from mvit2_kernels.ops import _op
+from mvit2_kernels.kernels import kernel
 from mvit2_kernels.triton.separable_layer import (
     separable_layer_context_backward,
     separable_layer_context_forward,
@@ -184,7 +184,7 @@ def test_ops_are_what_the_layer_looks_up():
         ("separable_layer_epilogue", "forward", separable_layer_epilogue_forward),
         ("separable_layer_epilogue", "backward", separable_layer_epilogue_backward),
     ):
-        assert _op(name, direction, "triton") is fn
+        assert kernel(f"{name}_{direction}", "triton") is fn
         assert getattr(torch.ops.mvit2, f"{name}_{direction}_triton") is not None
 
 

@@ -1,6 +1,26 @@
-"""Triton kernels, one module per op (``separable_attention``).
+"""Triton kernels, one module per op, and ``KERNELS``: op name -> its Triton op.
 
-Nothing is imported here: importing a kernel module imports triton and registers its
-``torch.ops.mvit2.*_triton`` ops, which ``mvit2_kernels.ops`` does lazily on the first call with
-``backend="triton"``, so machines without triton can still import the package.
+Importing this package imports triton and registers the ``torch.ops.mvit2.*_triton`` ops;
+``mvit2_kernels.kernels`` does so on the first call with ``backend="triton"``, so machines
+without triton still import ``mvit2_kernels``.
 """
+
+from .additive_attention import additive_attention_backward, additive_attention_forward
+from .separable_attention import separable_attention_backward, separable_attention_forward
+from .separable_layer import (
+    separable_layer_context_backward,
+    separable_layer_context_forward,
+    separable_layer_epilogue_backward,
+    separable_layer_epilogue_forward,
+)
+
+KERNELS = {
+    "separable_attention_forward": separable_attention_forward,
+    "separable_attention_backward": separable_attention_backward,
+    "additive_attention_forward": additive_attention_forward,
+    "additive_attention_backward": additive_attention_backward,
+    "separable_layer_context_forward": separable_layer_context_forward,
+    "separable_layer_context_backward": separable_layer_context_backward,
+    "separable_layer_epilogue_forward": separable_layer_epilogue_forward,
+    "separable_layer_epilogue_backward": separable_layer_epilogue_backward,
+}

@@ -22,9 +22,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ..ops import _acc_dtype, _check_additive_inputs
+from ..checks import acc_dtype, check_additive_inputs
 from ..reference import ADDITIVE_EPS
-from .separable_attention import _INTERPRET, _autotune, _tracing, _triton_op, _unit_last_stride
+from ._common import _INTERPRET, _autotune, _tracing, _triton_op, _unit_last_stride
 
 __all__ = ["additive_attention_backward", "additive_attention_forward"]
 
@@ -339,10 +339,10 @@ def additive_attention_forward(
         ``out = G * kn`` and ``qn``: ``Tensor[B, N, D]`` contiguous in the input dtype;
         ``g: Tensor[B, D]`` and ``a_norm: Tensor[B]`` in float32 (float64 for float64 inputs).
     """
-    _check_additive_inputs(q, k, w_g, variant)
+    check_additive_inputs(q, k, w_g, variant)
     q, k = _unit_last_stride(q), _unit_last_stride(k)
     B, N, D = k.shape
-    acc = _acc_dtype(k.dtype)
+    acc = acc_dtype(k.dtype)
     out = torch.empty((B, N, D), dtype=k.dtype, device=k.device)
     qn = torch.empty((B, N, D), dtype=k.dtype, device=k.device)
     g = torch.empty((B, D), dtype=acc, device=k.device)
@@ -387,7 +387,7 @@ def additive_attention_backward(
     Returns:
         ``dq, dk: Tensor[B, N, D]`` and ``dw_g: Tensor[D, 1]``, contiguous, in the input dtype.
     """
-    _check_additive_inputs(q, k, w_g, variant)
+    check_additive_inputs(q, k, w_g, variant)
     _check_backward_extras(grad_out, grad_qn, k, g, a_norm)
     go, gq, q, k = (_unit_last_stride(t) for t in (grad_out, grad_qn, q, k))
     g, a_norm = g.contiguous(), a_norm.contiguous()
@@ -433,7 +433,7 @@ def _check_backward_extras(grad_out: Tensor, grad_qn: Tensor, k: Tensor, g: Tens
             raise ValueError(f"{name} must be {k.dtype} on {k.device} with shape [B, N, D] = "
                              f"{list(k.shape)}, got {t.dtype} on {t.device}, {list(t.shape)}")
     B, _N, D = k.shape
-    acc = _acc_dtype(k.dtype)
+    acc = acc_dtype(k.dtype)
     for name, t, shape in (("g", g, (B, D)), ("a_norm", a_norm, (B,))):
         if t.dtype != acc or t.device != k.device or tuple(t.shape) != shape:
             raise ValueError(f"{name} must be {acc} on {k.device} with shape {list(shape)}, "

@@ -14,86 +14,30 @@ Both host functions are ``torch.library.triton_op``\\ s launching through ``wrap
 ``torch.compile`` sees the kernels rather than an opaque call.
 """
 
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import custom_op, triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ..ops import _acc_dtype, _check_inputs
+from ..checks import acc_dtype, check_separable_inputs
+from ._common import (
+    _INTERPRET,
+    _autotune,
+    _device_guard,
+    _relu,
+    _softmax_stats,
+    _tracing,
+    _triton_op,
+    _unit_last_stride,
+)
 
 __all__ = ["separable_attention_backward", "separable_attention_forward"]
 
 # Under the interpreter every autotuning config would be run (slowly, in numpy), so one fixed
 # config is used there; BLOCK_N is small so that tests cover several N tiles cheaply.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FIXED = {"BLOCK_C": 16, "BLOCK_N": 64, "num_warps": 4}
-
-
-def _autotune(configs: list[tuple[dict, int]], key: list[str]):
-    """``triton.autotune`` over ``(meta, num_warps)`` configs on a GPU; identity if interpreted."""
-    if _INTERPRET:
-        return lambda fn: fn
-    return triton.autotune([triton.Config(m, num_warps=w) for m, w in configs], key=key)
-
-
-def _triton_op(name: str):
-    """``triton_op`` on a GPU. The interpreter runs kernels on host copies of real tensors, so it
-    cannot be traced into: there the op is an opaque ``custom_op`` whose fake kernel is the same
-    function, which stops before launching when its tensors are fake (see ``_tracing``)."""
-    if not _INTERPRET:
-        return triton_op(name, mutates_args=())
-
-    def register(fn):
-        op = custom_op(name, fn, mutates_args=())
-        op.register_fake(fn)
-        return op
-
-    return register
-
-
-def _tracing(t: Tensor) -> bool:
-    """Whether an interpreted op is being traced (fake tensors): allocate, launch nothing."""
-    return _INTERPRET and is_fake(t)
-
-
-@triton.jit
-def _max_nan(a, b):
-    # torch.max propagates NaN; tl.maximum (by default) and tl.max drop it on a GPU. The same
-    # select as csrc/cuda/common.cuh's max_nan.
-    return tl.where((a > b) | (a != a), a, b)
-
-
-@triton.jit
-def _softmax_stats(q_row, N, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
-    """Max and 1/sum of exp(q - max) over a row of N, in ACC, two passes of BLOCK_N tiles.
-
-    Two passes rather than an online rescale: a leading tile of -inf would otherwise turn the
-    running sum into NaN where torch.softmax gives a finite result. A NaN score makes the max
-    NaN, and so every s[n], as in csrc/cuda/common.cuh's softmax_stats.
-    """
-    offs = tl.arange(0, BLOCK_N)
-    mx = tl.full([BLOCK_N], float("-inf"), ACC)
-    for n0 in range(0, N, BLOCK_N):
-        x = tl.load(q_row + n0 + offs, mask=n0 + offs < N, other=float("-inf")).to(ACC)
-        mx = _max_nan(mx, x)
-    m = tl.reduce(mx, 0, _max_nan)
-    acc = tl.zeros([BLOCK_N], ACC)
-    for n0 in range(0, N, BLOCK_N):
-        mask = n0 + offs < N
-        x = tl.load(q_row + n0 + offs, mask=mask, other=float("-inf")).to(ACC)
-        acc += tl.where(mask, tl.exp(x - m), 0.0)
-    return m, 1.0 / tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _relu(x):
-    # torch.relu propagates NaN; tl.maximum(x, 0) need not.
-    return tl.where(x < 0, 0.0, x)
 
 
 @_autotune(
@@ -223,11 +167,6 @@ def _separable_attention_backward_dq_kernel(
         tl.store(dq_ptr + row * N + n0 + offs, dq.to(dq_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _unit_last_stride(x: Tensor) -> Tensor:
-    """The kernels step along N with unit stride; only a strided last axis is copied."""
-    return x if x.size(-1) <= 1 or x.stride(-1) == 1 else x.contiguous()
-
-
 def _backward_block_c(rows: int, C: int) -> int:
     """Channels per pass-1 program, fixed on the host because it sizes the ds workspace:
     as wide as 64, narrower while that leaves too few programs to fill a GPU."""
@@ -250,11 +189,11 @@ def separable_attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor
         ``y: Tensor[B, C, P, N]`` contiguous in the input dtype and
         ``ctx: Tensor[B, C, P, 1]`` contiguous in float32 (float64 for float64 inputs).
     """
-    _check_inputs(q, k, v)
+    check_separable_inputs(q, k, v)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     B, C, P, N = k.shape
     y = torch.empty((B, C, P, N), dtype=k.dtype, device=k.device)
-    ctx = torch.empty((B, C, P, 1), dtype=_acc_dtype(k.dtype), device=k.device)
+    ctx = torch.empty((B, C, P, 1), dtype=acc_dtype(k.dtype), device=k.device)
     if y.numel() == 0:  # N = 0 leaves ctx = an empty sum = 0; nothing to launch
         return y, ctx.zero_()
     if _tracing(y):
@@ -287,7 +226,7 @@ def separable_attention_backward(
     Returns:
         ``dq: Tensor[B, 1, P, N]``, ``dk, dv: Tensor[B, C, P, N]``, contiguous, input dtype.
     """
-    _check_inputs(q, k, v)
+    check_separable_inputs(q, k, v)
     _check_backward_extras(grad_y, k, ctx)
     g, q, k, v = (_unit_last_stride(t) for t in (grad_y, q, k, v))
     B, C, P, N = k.shape
@@ -319,20 +258,12 @@ def separable_attention_backward(
     return dq, dk, dv
 
 
-def _device_guard(t: Tensor):
-    """Triton launches on the *current* CUDA device and stream: make that t's device (the C++
-    kernels use a CUDAGuard). Under torch.compile, Inductor emits its own guard."""
-    if t.is_cuda and not torch.compiler.is_compiling():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _check_backward_extras(grad_y: Tensor, k: Tensor, ctx: Tensor) -> None:
     """What the backward takes beyond (q, k, v): grad_y like k, ctx [B, C, P, 1] in acc dtype."""
     B, C, P, _ = k.shape
     for name, t, dtype, shape in (
         ("grad_y", grad_y, k.dtype, list(k.shape)),
-        ("ctx", ctx, _acc_dtype(k.dtype), [B, C, P, 1]),
+        ("ctx", ctx, acc_dtype(k.dtype), [B, C, P, 1]),
     ):
         if t.dtype != dtype:
             raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")

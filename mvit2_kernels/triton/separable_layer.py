@@ -29,8 +29,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ..ops import _acc_dtype, _check_float_like
-from .separable_attention import (
+from ..checks import acc_dtype, check_float_like
+from ._common import (
     _INTERPRET,
     _autotune,
     _device_guard,
@@ -240,7 +240,7 @@ def separable_layer_context_forward(x: Tensor, w_q: Tensor) -> tuple[Tensor, Ten
     """
     _check_context_forward_inputs(x, w_q)
     B, D, P, N = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     s = torch.empty((B, P, N), dtype=acc, device=x.device)
     xbar = torch.empty((B, D, P), dtype=acc, device=x.device)
     if s.numel() == 0:  # no scores: x̄ is an empty sum (D = 0 launches: s is then 1/N)
@@ -354,7 +354,7 @@ def separable_layer_epilogue_backward(
 
 def _check_context_forward_inputs(x: Tensor, w_q: Tensor) -> None:
     """x: [B, D, P, N] contiguous; w_q: [D] contiguous in x's dtype."""
-    _check_float_like({"x": x, "w_q": w_q}, like="x")
+    check_float_like({"x": x, "w_q": w_q}, like="x")
     _check_contiguous_4d("x", x)
     _check_shape("w_q", w_q, (x.shape[1],))
 
@@ -371,7 +371,7 @@ def _check_context_backward_inputs(grad_xbar, x, w_q, s, xbar) -> None:
 
 def _check_epilogue_inputs(v: Tensor, ctx: Tensor) -> None:
     """v: [B, C, P, N] contiguous; ctx: [B, C, P] contiguous in the accumulation dtype."""
-    _check_float_like({"v": v}, like="v")
+    check_float_like({"v": v}, like="v")
     _check_contiguous_4d("v", v)
     _check_acc("ctx", ctx, "v", v)
     _check_shape("ctx", ctx, tuple(v.shape[:3]))
@@ -380,7 +380,7 @@ def _check_epilogue_inputs(v: Tensor, ctx: Tensor) -> None:
 def _check_epilogue_backward_inputs(grad_y: Tensor, v: Tensor, ctx: Tensor) -> None:
     """The epilogue's inputs, and grad_y like v."""
     _check_epilogue_inputs(v, ctx)
-    _check_float_like({"v": v, "grad_y": grad_y}, like="v")
+    check_float_like({"v": v, "grad_y": grad_y}, like="v")
     _check_shape("grad_y", grad_y, tuple(v.shape))
 
 
@@ -393,7 +393,7 @@ def _check_contiguous_4d(name: str, t: Tensor) -> None:
 
 def _check_acc(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
     """t is in the accumulation dtype of ref (float64 for float64, else float32), on its device."""
-    acc = _acc_dtype(ref.dtype)
+    acc = acc_dtype(ref.dtype)
     if t.dtype != acc:
         raise TypeError(f"{name} must have dtype {acc} (the accumulation dtype of {ref_name}), "
                         f"got {t.dtype}")
