@@ -1,8 +1,8 @@
 """The whole MobileViTv2 attention layer, fused: the keys are never materialised.
 
 Since the softmax weights ``s`` sum to 1 and ``k = W_k x + b_k``, the context vector is
-``ctx = W_k x̄ + b_k`` with ``x̄ = sum_n s[n] x[:, n]`` (DESIGN §1, "A layer-level identity";
-``docs/layer_fusion.md`` derives the backward). The layer becomes:
+``ctx = W_k x̄ + b_k`` with ``x̄ = sum_n s[n] x[:, n]`` (docs/design.md §1, "The layer-level
+identity"; ``docs/layer_fusion.md`` derives the backward). The layer becomes:
 
     s, x̄ = context(x, w_q)              one pass over x (kernel)
     ctx   = W_k x̄ + b_k                  a GEMM of B·P columns
