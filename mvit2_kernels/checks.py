@@ -82,7 +82,8 @@ def check_additive_inputs(q: Tensor, k: Tensor, w_g: Tensor, variant: str) -> No
 
 
 def check_layer_inputs(x, qkv_weight, qkv_bias, out_weight, out_bias) -> tuple[Tensor, Tensor]:
-    """docs/design.md §5 for the layer; returns the weights as 2-D ``[1 + 2C, D]`` and ``[D_out, C]``."""
+    """docs/design.md §5 for the layer; returns the weights as 2-D ``[1 + 2C, D]`` and
+    ``[D_out, C]``."""
     tensors = {"x": x, "qkv_weight": qkv_weight, "out_weight": out_weight}
     if qkv_bias is not None:
         tensors["qkv_bias"] = qkv_bias

@@ -8,6 +8,7 @@ checkpoints load unchanged; by default the whole layer is fused (the keys are ne
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +77,16 @@ class SeparableAttention(nn.Module):
         self.fused = fused
         self.backend = backend
 
+    # How to find the 1×1 convolution inside another library's projection module: fuse_ sets it
+    # (transformers wraps each in a MobileViTV2ConvLayer); None: the projections are nn.Conv2d.
+    unwrap_projection: Callable[[nn.Module], nn.Module | None] | None = None
+
     def forward(self, x: Tensor) -> Tensor:
         """``x: Tensor[B, C, P, N]`` -> ``Tensor[B, C, P, N]``."""
         dropout = self.training and self.attn_dropout > 0
         if self.fused is True and not dropout:
-            convs = _conv1x1(self.qkv_proj), _conv1x1(self.out_proj)
+            convs = (_conv1x1(self.qkv_proj, self.unwrap_projection),
+                     _conv1x1(self.out_proj, self.unwrap_projection))
             if None not in convs:
                 return self.proj_drop(self._fused_layer(x, *convs))
         qkv = self.qkv_proj(x)
@@ -116,19 +122,18 @@ class SeparableAttention(nn.Module):
                 f"fused={self.fused}, backend={self.backend!r}")
 
 
-def _conv1x1(proj: nn.Module) -> nn.Conv2d | None:
+def _conv1x1(proj: nn.Module, unwrap: Callable[[nn.Module], nn.Module | None] | None
+             ) -> nn.Conv2d | None:
     """The plain 1×1 convolution that ``proj`` computes, or None when it computes something else.
 
-    Ours are ``nn.Conv2d``; transformers' (kept by ``fuse_``) wrap one in a
-    ``MobileViTV2ConvLayer`` without normalisation or activation. Anything else (a subclass, a
-    quantised or adapted projection) runs as the module it is, around the fused op; so does one
-    with hooks (observers, pruning, weight norm): the fused layer would not call them."""
+    Ours are ``nn.Conv2d``; another library's wrapped convolution is found by ``unwrap`` (which
+    ``fuse_`` sets for the library it swaps in). Anything else (a subclass, a quantised or
+    adapted projection) runs as the module it is, around the fused op; so does one with hooks
+    (observers, pruning, weight norm): the fused layer would not call them."""
     if _has_hooks(proj):
         return None
-    if type(proj).__name__ == "MobileViTV2ConvLayer":
-        if getattr(proj, "normalization", None) is not None or getattr(proj, "activation", None):
-            return None
-        proj = getattr(proj, "convolution", None)
+    if unwrap is not None:
+        proj = unwrap(proj)
     plain = (type(proj) is nn.Conv2d and proj.kernel_size == (1, 1) and proj.stride == (1, 1)
              and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1
              and not _has_hooks(proj))

@@ -40,7 +40,20 @@ def swap_linear_self_attention(module: nn.Module, fused: bool | str, backend: st
         embed_dim, attn_dropout=_dropout_p(module, "attn_dropout", "attn_drop"),
         proj_dropout=_dropout_p(module, "out_drop"), fused=fused, backend=backend)
     new.qkv_proj, new.out_proj = module.qkv_proj, module.out_proj
+    if type(module).__name__ == "MobileViTV2LinearSelfAttention":
+        new.unwrap_projection = transformers_conv
     return new.train(module.training)
+
+
+def transformers_conv(proj: nn.Module) -> nn.Module | None:
+    """The convolution inside transformers' ``MobileViTV2ConvLayer`` when that is all it runs
+    (no normalisation, no activation: the attention's projections), so that the fused layer
+    computes it; None (run the module as it is) otherwise."""
+    if type(proj).__name__ != "MobileViTV2ConvLayer":
+        return proj
+    if getattr(proj, "normalization", None) is not None or getattr(proj, "activation", None):
+        return None
+    return getattr(proj, "convolution", None)
 
 
 SWAPPERS: dict[str, Swapper] = {
