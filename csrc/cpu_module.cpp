@@ -11,6 +11,6 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mvit2_kernels CPU kernels for one instruction set (registered under torch.ops.mvit2)";
-  m.attr("isa") = MVIT2_CPU_ISA_NAME;                  // the build's name: avx512, avx2, ...
+  m.attr("isa") = MVIT2_STR(MVIT2_CPU_ISA_NAME);      // the build's name: avx512, avx2, ...
   m.attr("vector_isa") = MVIT2_STR(CPU_CAPABILITY);  // what at::vec compiled to
 }

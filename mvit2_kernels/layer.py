@@ -150,8 +150,8 @@ def _layer_backward(grad_out, x, w_qkv, b_qkv, w_out, s, xbar, attn_ctx, v, y, b
     if b_qkv is not None:
         # The scores' gradient ds[n] = dctx . k[n] = dx̄ . x[n] + dctx . b_k: the softmax backward
         # cancels the constant dctx . b_k, unless it is NaN (a NaN key bias); 0 * it keeps that.
-        shift = torch.einsum("bcp,c->bp", dctx, b_qkv[1:C + 1].to(acc))
-        dxbar += 0 * shift[:, None, :]
+        # (0 * b_k inside the sum: a finite shift that overflows must not turn into 0 * inf.)
+        dxbar += torch.einsum("bcp,c->bp", dctx, 0 * b_qkv[1:C + 1].to(acc))[:, None, :]
     dx, d_wq = kernel("separable_layer_context_backward", backend)(dxbar, x, w_q[0], s, xbar)
     if fused:  # + W_v^T dv, in place
         kernel("separable_layer_project_input_backward", backend)(dx, dv, w_v)
@@ -161,9 +161,9 @@ def _layer_backward(grad_out, x, w_qkv, b_qkv, w_out, s, xbar, attn_ctx, v, y, b
 
     d_wqkv = torch.cat([d_wq[None], d_wk, d_wv])
     # q's bias shifts every score of a row alike, which the softmax ignores: its gradient Σ dq
-    # is 0, written 0 * Σ_d dw_q[d] (= 0 * Σ dq x) to be NaN where autograd's Σ dq is. k's is
+    # is 0, written Σ_d 0 * dw_q[d] (dw_q = Σ dq x) to be NaN where autograd's Σ dq is. k's is
     # Σ_n dctx s[n] = dctx · Σ_n s[n] (1, or NaN where the scores are).
-    d_bq = 0 * d_wq.sum()[None]
+    d_bq = (0 * d_wq).sum()[None]
     d_bk = torch.einsum("bcp,bp->c", dctx, s.sum(dim=-1))
     d_bqkv = torch.cat([d_bq, d_bk, dv3.sum(dim=(0, 2), dtype=acc)])
     dt = w_qkv.dtype

@@ -181,10 +181,10 @@ class EfficientAdditiveAttention(nn.Module):
         self.to_query = nn.Linear(dim, dim)
         self.to_key = nn.Linear(dim, dim)
         self.w_g = nn.Parameter(torch.empty(dim, 1))
+        self.reset_parameters()  # here, so that a seed draws w_g before proj and final as published
         self.scale_factor = dim**-0.5  # as published; the kernels use q.shape[-1] ** -0.5
         self.proj = nn.Linear(dim, dim)
         self.final = nn.Linear(dim, dim)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """``w_g`` from a standard normal, as published (the Linear layers reset themselves), so

@@ -311,3 +311,34 @@ def test_fuse_swaps_timm_style_attention_and_keeps_dropouts():
 def test_fuse_needs_a_model_around_the_attention():
     with pytest.raises(ValueError, match="submodules"):
         fuse_(LinearSelfAttention(4))
+
+
+def test_fuse_of_an_ml_cvnets_attention_prints_and_computes_like_the_original():
+    """ml-cvnets' ``LinearSelfAttention.__repr__`` reads ``self.attn_dropout.p``; the swapped
+    module (an instance of both classes) prints with our own repr, and computes the same."""
+
+    class LinearSelfAttention(nn.Module):  # ml-cvnets' layout, reduced to what fuse_ reads
+        def __init__(self, embed_dim):
+            super().__init__()
+            self.embed_dim = embed_dim
+            self.qkv_proj = nn.Conv2d(embed_dim, 1 + 2 * embed_dim, 1)
+            self.out_proj = nn.Conv2d(embed_dim, embed_dim, 1)
+            self.attn_dropout = nn.Dropout(0.0)
+
+        def forward(self, x):
+            q, k, v = self.qkv_proj(x).split([1, self.embed_dim, self.embed_dim], dim=1)
+            ctx = (k * torch.softmax(q, dim=-1)).sum(-1, keepdim=True)
+            return self.out_proj(torch.relu(v) * ctx)
+
+        def __repr__(self):
+            return f"LinearSelfAttention(attn_dropout={self.attn_dropout.p})"
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearSelfAttention(8))
+    x = torch.randn(2, 8, 4, 9)
+    with torch.no_grad():
+        expected = model(x)
+    assert fuse_(model) == 1
+    assert "fused=True" in repr(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)

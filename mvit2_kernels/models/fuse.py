@@ -77,6 +77,8 @@ def hosted_class(ours: type[nn.Module], host: type[nn.Module]) -> type[nn.Module
         "__module__": __name__,  # where pickle would look; _reduce_hosted spares it
         "__doc__": f"{ours.__name__} in place of {host.__module__}.{host.__qualname__}.",
         "__reduce_ex__": _reduce_hosted,
+        # Our attributes, not the host's (ml-cvnets' __repr__ reads self.attn_dropout.p).
+        "__repr__": nn.Module.__repr__,
         "_hosted": (ours, host),
     })
 
