@@ -81,9 +81,9 @@ CPU_DEPENDS = sorted(glob.glob("csrc/*.h", root_dir=ROOT) + glob.glob("csrc/cpu/
 class BuildExt(cpp_extension.BuildExtension):
     """torch's BuildExtension, plus: each CPU build compiles one-line wrappers of its own that
     include the sources (setuptools puts every extension's objects at the same paths, so the
-    builds cannot share the sources' names), written under build_temp; after a build, modules
-    of ISAs not built now are removed from beside the new ones (an in-place or editable build
-    would otherwise leave backends.py a stale one to import)."""
+    builds cannot share the sources' names), written under build_temp; after an in-place or
+    editable build, modules of ISAs not built now are removed from the package (backends.py
+    would otherwise find a stale one to import)."""
 
     def build_extensions(self) -> None:
         for ext in self.extensions:
@@ -91,12 +91,15 @@ class BuildExt(cpp_extension.BuildExtension):
             if isa is not None:
                 ext.sources = self._wrappers(isa)
         super().build_extensions()
+
+    def run(self) -> None:
+        super().run()
+        if not (self.inplace or getattr(self, "editable_mode", False)):
+            return  # a wheel's build directory: nothing stale beside the new modules
         built = {ext.name.rpartition(".")[2] for ext in self.extensions}
-        for ext in self.extensions:
-            folder = Path(self.get_ext_fullpath(ext.name)).parent
-            for old in folder.glob("_cpu_*.*"):
-                if old.name.split(".")[0] not in built:
-                    old.unlink()
+        for old in Path(ROOT, "mvit2_kernels").glob("_cpu_*.*"):
+            if old.name.split(".")[0] not in built:
+                old.unlink()
 
     def _wrappers(self, isa: str) -> list[str]:
         out = Path(self.build_temp, "mvit2_isa", isa).resolve()
