@@ -12,7 +12,7 @@
 - ``available_backends()``: what runs on this machine; ``reference``: the plain-PyTorch maths.
 """
 
-from . import models
+from . import compile_workarounds, models
 from .backends import available_backends
 from .layer import separable_attention_layer
 from .models import fuse_
@@ -33,3 +33,6 @@ __all__ = [
     "separable_attention_reference",
 ]
 __version__ = "0.1.0"
+
+# An inductor bug that fused models meet under torch.compile on CPU (docs/compile.md).
+compile_workarounds.install()
