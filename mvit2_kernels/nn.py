@@ -88,7 +88,9 @@ class SeparableAttention(nn.Module):
             convs = (_conv1x1(self.qkv_proj, self.unwrap_projection),
                      _conv1x1(self.out_proj, self.unwrap_projection))
             if None not in convs:
-                return self.proj_drop(self._fused_layer(x, *convs))
+                qkv, out = convs
+                return self.proj_drop(separable_attention_layer(
+                    x, qkv.weight, qkv.bias, out.weight, out.bias, backend=self.backend))
         qkv = self.qkv_proj(x)
         # Views into qkv, no copies: the kernels read strided q/k/v in place (docs/design.md §3).
         q, k, v = qkv.split([1, self.embed_dim, self.embed_dim], dim=1)
@@ -99,10 +101,6 @@ class SeparableAttention(nn.Module):
         else:
             y = separable_attention_reference(q, k, v)
         return self.proj_drop(self.out_proj(y))
-
-    def _fused_layer(self, x: Tensor, qkv_conv: nn.Conv2d, out_conv: nn.Conv2d) -> Tensor:
-        return separable_attention_layer(x, qkv_conv.weight, qkv_conv.bias, out_conv.weight,
-                                         out_conv.bias, backend=self.backend)
 
     def _attend_with_dropout(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         global _warned_dropout_fallback
