@@ -137,7 +137,7 @@ def _layer_backward(grad_out, x, w_qkv, b_qkv, w_out, s, xbar, attn_ctx, v, y, b
         dv, dctx = kernel("separable_layer_epilogue_backward", backend)(dy, v, attn_ctx)
     d_bout = grad_out.sum(dim=(0, 2, 3), dtype=acc)
     if b_qkv is not None:  # a non-finite b_q: NaN scores in the standard layer (see the forward)
-        dctx = dctx + 0 * b_qkv[0].to(acc)
+        dctx += 0 * b_qkv[0].to(acc)  # in place: dctx is the kernel's own output
     dv3 = dv.view(B, C, P * N)
     if fused:
         d_wv = kernel("separable_layer_project_weight_backward", backend)(dv, x)
