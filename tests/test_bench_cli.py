@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -49,14 +50,20 @@ TIMED = {"impl": str, "median_ms": NUM, "iqr_ms": NUM, "repeats": int, "round_ms
          "peak_mib": OPT_NUM}
 OP_ROW = {
     "op": str, "shape": str, "batch": int, "channels": int, "pixels": int, "patches": int,
-    "dtype": str, "pass": str, **TIMED, "rotated_sets": int, "bytes": int, "gbps": NUM,
+    "dtype": str, "pass": str, "grads": (str, type(None)), **TIMED, "rotated_sets": int,
+    "bytes": int, "gbps": NUM,
     "floor_ms": OPT_NUM, "floor_fraction": OPT_NUM, "speedup_vs_eager": OPT_NUM,
     "speedup_vs_compile": OPT_NUM,
 }
 SETTINGS = {"quick": bool, "repeat": int, "impls": list, "timer": str, "warmup_s": NUM,
             "min_run_time_s": NUM, "min_repeats": int}
-OPS_SETTINGS = {**SETTINGS, "ops": list, "additive_variant": str, "train_batch": int,
-                "dtypes": list, "passes": list, "shapes": list}
+OPS_SETTINGS = {**SETTINGS, "ops": list, "additive_variant": str, "grad_paths": dict,
+                "grad_rounds": int, "train_batch": int, "dtypes": list, "passes": list,
+                "shapes": list}
+# The rows of one shape and pass: (pass, gradient path) of each op.
+PATHS = {"separable": [("forward", None), ("forward+backward", "set_to_none"),
+                       ("forward+backward", "accumulate")],
+         "additive": [("forward", None), ("forward+backward", "set_to_none")]}
 MODEL_ROW = {
     "model": str, "resolution": int, "batch": int, "dtype": str, "mode": str, **TIMED,
     "images_per_s": NUM, "attention_modules": int, "attention_ms": OPT_NUM,
@@ -127,7 +134,7 @@ def test_additive_shapes_are_every_swiftformer_stage_of_xs_and_l3_and_all_varian
         for stage in range(4)
         for b in (1, 32)
     }
-    known = shapes.known_shapes(32, ["additive"])
+    known = shapes.design_shapes(32, ["additive"], SWIFTFORMER_DIMS)
     assert {s.name: (s.batch, s.channels, s.patches) for s in known} == expected
     assert all(s.op == "additive" and s.pixels == 1 for s in known)
     timed = {s.name for s in shapes.design_shapes(32, ["additive"])}
@@ -155,7 +162,8 @@ def test_shapes_are_those_the_models_give_their_attention(family, variant, res):
         if isinstance(m, (SeparableAttention, EfficientAdditiveAttention)):
             m.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
     model(torch.empty(1, 3, res, res, device="meta"))
-    named = [s for s in shapes.known_shapes(1) if s.name.startswith(prefix)]
+    named = [s for s in shapes.design_shapes(1, variants=SWIFTFORMER_DIMS)
+             if s.name.startswith(prefix)]
     layout = [(1, s.channels, s.pixels, s.patches) if s.op == "separable"
               else (1, s.patches, s.channels) for s in named]
     assert layout == list(dict.fromkeys(seen))
@@ -200,27 +208,62 @@ def test_rotation_outgrows_the_cache_within_its_memory_budget():
 
 def test_input_sets_rotate_views_of_one_qkv_and_count_its_bytes_once():
     s = shapes.Shape("s", batch=2, channels=8, pixels=4, patches=16)
-    one_set = (1 + 2 * 8 + 8) * s.elements * 4  # qkv and grad_y, fp32
-    sets = kernels.input_sets(s, torch.float32, "cpu", "forward+backward", cache=10 * one_set)
+    qkv_bytes, grad_y_bytes = (1 + 2 * 8) * s.elements * 4, 8 * s.elements * 4  # fp32
+    # Forward: q, k, v are views of one qkv.
+    sets = kernels.input_sets(s, torch.float32, "cpu", False, cache=5 * qkv_bytes)
+    assert len(sets) == 10 and {t.data_ptr() for t, *_ in sets}.__len__() == 10
+    q, k, v = sets[0]
+    assert q._base is k._base is v._base and not q.requires_grad
+    # Backward: the qkv leaf (and its .grad) and the output gradient.
+    one_set = 2 * qkv_bytes + grad_y_bytes
+    sets = kernels.input_sets(s, torch.float32, "cpu", True, cache=10 * one_set)
     assert len(sets) == 20
-    q, k, v, g = sets[0]
-    assert q._base is k._base is v._base and q.requires_grad and not g.requires_grad
-    assert {t.data_ptr() for t, *_ in sets}.__len__() == 20  # independent sets
+    (qkv,), (g,) = sets[0]
+    assert qkv.shape == (2, 17, 4, 16) and qkv.requires_grad and not g.requires_grad
+
+
+SMALL = {"separable": shapes.Shape("s", 2, 8, 4, 16),
+         "additive": shapes.Shape("a", 2, 8, 1, 16, op="additive")}
+
+
+@pytest.mark.parametrize("op", list(kernels.OPS))
+def test_both_gradient_paths_give_the_gradient_of_the_reference(op):
+    """set_to_none leaves one step's gradient in the leaves' .grad (here qkv.grad, through the
+    q, k, v views), accumulate adds the next step's to it; both are the reference's gradient."""
+    torch.manual_seed(0)
+    tensors = kernels.input_sets(SMALL[op], torch.float64, "cpu", True, cache=0)[0]
+    leaves, grads = tensors
+    spec = kernels.OPS[op]
+    want = torch.autograd.grad(spec.reference(*spec.inputs(*leaves)), leaves, grads)
+    for impl in ["eager", "compile", *kernels.kernel_backends("cpu")]:
+        fn = kernels.op_function(impl, op)
+        set_to_none, accumulate = (kernels.step(fn, op, path) for path in kernels.GRAD_PATHS)
+        set_to_none(*tensors)
+        set_to_none(*tensors)  # again: still one step's gradient
+        for t, w in zip(leaves, want, strict=True):
+            torch.testing.assert_close(t.grad, w, msg=f"{impl} set_to_none")
+        accumulate(*tensors)
+        for t, w in zip(leaves, want, strict=True):
+            torch.testing.assert_close(t.grad, 2 * w, msg=f"{impl} accumulate")
 
 
 def test_quick_run_prints_a_compare_table_per_op_and_pass(quick_run):
     stdout, doc, _ = quick_run
+    lines = stdout.splitlines()
     impls = ["copy", "eager", "compile", *kernels.kernel_backends("cpu")]
     for shape, op in OP_OF.items():
         for pass_ in kernels.PASSES:
             title = f"{op} attention, fp32, {pass_}"
-            (at,) = [i for i, line in enumerate(stdout.splitlines()) if f" {title} " in line]
-            header, _, row = stdout.splitlines()[at + 1 : at + 4]
+            (at,) = [i for i, line in enumerate(lines) if f" {title} " in line]
+            header, _, *table = lines[at + 1 : at + 6]
             assert header.replace("|", " ").split() == impls
-            assert row.split()[0] == shape and len(row.split("|")) == 1 + len(impls)
+            paths = [p for pass_of, p in PATHS[op] if pass_of == pass_]
+            for path, row in zip(paths, table, strict=False):  # a line per gradient path
+                assert row.split("|")[0].split() == [shape, *([f"({path})"] if path else [])]
+                assert len(row.split("|")) == 1 + len(impls)
     for backend in kernels.kernel_backends("cpu"):  # a line of derived figures per kernel row
         assert f"{SHAPE}  {backend}: " in stdout and " of floor, " in stdout
-    assert len(doc["rows"]) == 2 * len(impls) * 2
+    assert len(doc["rows"]) == sum(len(paths) for paths in PATHS.values()) * len(impls)
 
 
 def test_json_follows_the_documented_schema(quick_run):
@@ -233,21 +276,29 @@ def test_json_follows_the_documented_schema(quick_run):
     assert_fields(doc["settings"], OPS_SETTINGS, "settings")
     assert doc["settings"]["ops"] == ["separable", "additive"]
     assert doc["settings"]["additive_variant"] == "normalize"
+    assert doc["settings"]["grad_paths"] == {"separable": ["set_to_none", "accumulate"],
+                                             "additive": ["set_to_none"]}
     assert doc["skipped"] == []
     for row in doc["rows"]:
         assert_fields(row, OP_ROW, f"row {row.get('impl')}")
         assert row["op"] == OP_OF[row["shape"]] and row["dtype"] == "fp32"
+        assert (row["pass"], row["grads"]) in PATHS[row["op"]]
         b, c, p, n = SIZES[row["shape"]]
         assert (row["batch"], row["channels"], row["pixels"], row["patches"]) == (b, c, p, n)
         shape = shapes.Shape(row["shape"], b, c, p, n, op=row["op"])
         assert row["bytes"] == kernels.op_bytes(shape, torch.float32, row["pass"])
         assert row["median_ms"] > 0 and row["repeats"] >= 1 and row["rotated_sets"] >= 1
-        assert row["round_ms"] == [row["median_ms"]] and row["peak_mib"] is None  # CPU
-        # The derived columns are the definitions of docs/performance.md, within one group.
+        assert row["peak_mib"] is None  # CPU
+        # Two paths alternate over GRAD_ROUNDS rounds: the figure is the median of the rounds'.
+        rounds = kernels.GRAD_ROUNDS if row["op"] == "separable" and row["grads"] else 1
+        assert len(row["round_ms"]) == rounds
+        assert math.isclose(row["median_ms"], statistics.median(row["round_ms"]))
+        # The derived columns are the definitions of docs/performance.md, within one group and
+        # gradient path.
         same = {
             r["impl"]: r["median_ms"]
             for r in doc["rows"]
-            if (r["shape"], r["pass"]) == (row["shape"], row["pass"])
+            if (r["shape"], r["pass"], r["grads"]) == (row["shape"], row["pass"], row["grads"])
         }
         assert math.isclose(row["gbps"], row["bytes"] / row["median_ms"] / 1e6)
         assert math.isclose(row["floor_ms"], same["copy"])
@@ -276,14 +327,14 @@ def test_op_additive_times_only_the_additive_attention(tmp_path):
 
 
 def test_an_impl_that_raises_is_skipped_not_fatal(tmp_path, monkeypatch, capsys):
-    real = kernels.impl_callable
+    real = kernels.op_function
 
-    def broken(impl, pass_, op):
+    def broken(impl, op):
         if impl == "eager":
             raise RuntimeError("broken on purpose")
-        return real(impl, pass_, op)
+        return real(impl, op)
 
-    monkeypatch.setattr(kernels, "impl_callable", broken)
+    monkeypatch.setattr(kernels, "op_function", broken)
     path = tmp_path / "skip.json"
     run_cli("--device", "cpu", "--quick", "--shape", SHAPE, "--dtype", "fp32", "--pass", "fwd",
             "--no-compile", "--no-progress", "--json", str(path))
@@ -407,10 +458,10 @@ def test_model_training_amp_needs_an_fp32_model(capsys):
         (["--op", "additive", "--shape", "w1.0-*"], "--shape 'w1.0-*' matches no additive shape"),
         (["--op", "additive", "--shape", "1x128x4x16"], "--op leaves separable out"),
         (["--pass", "sideways"], "--pass 'sideways'"),
-        (["--repeat", "0"], "--repeat must be >= 1"),
-        (["--train-batch", "0"], "--train-batch must be >= 1"),
-        (["model", "--device", "cpu", "--batch", "0"], "--batch must be >= 1"),
-        (["--threads", "0"], "--threads must be >= 1"),
+        (["--repeat", "0"], "--repeat: must be >= 1"),
+        (["--train-batch", "0"], "--train-batch: must be >= 1"),
+        (["model", "--device", "cpu", "--batch", "0"], "--batch: must be >= 1"),
+        (["--threads", "0"], "--threads: must be >= 1"),
         (["model", "--device", "cpu", "--impl", "nope"], "--impl 'nope'"),
         (["model", "--device", "cpu", "--width", "3.0"], "--width '3.0'"),
         (["model", "--device", "cpu", "--mode", "serving"], "--mode 'serving'"),

@@ -28,10 +28,11 @@ IMPLS = ["fused-layer", "fused-kernel", "eager", "compile", "fused-layer+compile
 
 # The layer's rows and settings: the kernel benchmark's, less what only an op has (its bytes,
 # the copy floor, the op's name), plus the backend the fused impls ran.
-OP_ONLY = ("op", "bytes", "gbps", "floor_ms", "floor_fraction")
+OP_ONLY = ("op", "grads", "bytes", "gbps", "floor_ms", "floor_fraction")
 LAYER_ROW = {k: t for k, t in OP_ROW.items() if k not in OP_ONLY}
 LAYER_SETTINGS = {
-    **{k: t for k, t in OPS_SETTINGS.items() if k not in ("ops", "additive_variant")},
+    **{k: t for k, t in OPS_SETTINGS.items()
+       if k not in ("ops", "additive_variant", "grad_paths", "grad_rounds")},
     "backend": str,
     "resolved_backend": str,
 }
@@ -140,8 +141,8 @@ def test_layer_module_takes_the_dtype_and_values_of_its_parameters(impl):
         (["--shape", "w9*"], "--shape 'w9*' matches no separable shape"),
         (["--shape", "1x49x48"], "--op leaves additive out"),
         (["--backend", "nope"], "--backend 'nope'"),
-        (["--train-batch", "0"], "--train-batch must be >= 1"),
-        (["--repeat", "0"], "--repeat must be >= 1"),
+        (["--train-batch", "0"], "--train-batch: must be >= 1"),
+        (["--repeat", "0"], "--repeat: must be >= 1"),
     ],
 )
 def test_layer_bad_filters_exit_2_naming_the_value(argv, says, capsys):

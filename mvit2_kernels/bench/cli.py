@@ -7,17 +7,17 @@
 
 The first (the default) times the kernels of both ops (MobileViTv2's separable attention,
 SwiftFormer's additive attention) against the eager reference, ``torch.compile(reference)`` and
-the memory-copy floor; ``layer`` times MobileViTv2's whole attention layer (fused with and
-without the keys, against the standard layer eager and compiled); ``model`` times whole models
-(images/s and the share of attention); ``report`` prints the tables of result files and charts
-one. Every timing command takes --quick, --repeat, --json PATH and --plot PATH.
+the memory-copy floor, the backward along both gradient paths (set_to_none, accumulate);
+``layer`` times MobileViTv2's whole attention layer (fused with and without the keys, against
+the standard layer eager and compiled); ``model`` times whole models (images/s and the share of
+attention); ``report`` prints the tables of result files and charts one. Every timing command
+takes --quick, --repeat, --json PATH and --plot PATH.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -26,6 +26,7 @@ import torch
 
 from ..backends import resolve_backend
 from ..models.mobilevitv2 import WIDTHS
+from ..models.swiftformer import CONFIGS as SWIFTFORMER
 from . import kernels, layer, models, results, shapes
 from .timing import Budget, timer_name
 
@@ -39,7 +40,6 @@ EPILOG = ("Filters take comma-separated lists and may repeat. Shapes are globs o
           "stage's C) and sf-xs-224px-s1-B32 (SwiftFormer variant, image size, stage, batch), or "
           "custom BxCxPxN (separable, layer) and BxNxD (additive).")
 DESCRIPTION = {
-    "ops": __doc__,
     "layer": "MobileViTv2's attention layer as SeparableAttention runs it: "
     f"{', '.join(layer.IMPLS)}; forward under no_grad and a training step (forward and backward "
     "for x and the parameters).",
@@ -58,19 +58,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv[1:] if argv and argv[0] == command else argv)
     if command == "report":
         return _report(parser, args)
-    device = _device(parser, args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA device is visible to torch {torch.__version__}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:  # said before the run rather than after it
+            parser.error("--plot needs matplotlib: pip install matplotlib")
     plan = {"ops": _ops_plan, "layer": _layer_plan, "model": _model_plan}[command]
     return _run(command, argv, args, device, *plan(parser, args, device))
+
+
+def _positive(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return int(text)
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mvit2-bench" + ("" if command == "ops" else f" {command}"),
-        description=DESCRIPTION[command] if command == "ops" else textwrap.fill(
-            DESCRIPTION[command], 79),
+        description=__doc__ if command == "ops" else textwrap.fill(DESCRIPTION[command], 79),
         epilog=textwrap.fill(EPILOG, 79) if command in ("ops", "layer") else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     if command == "report":
         add("files", nargs="+", metavar="RESULT.json")
@@ -78,9 +91,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         return p
     add("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     add("--quick", action="store_true", help="fewer cases and repetitions: about a minute")
-    add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    add("--repeat", type=int, default=1, help="time every group this many times, round-robin "
-        "over the groups, and report the median of the rounds' medians (default 1)")
+    add("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
+    add("--repeat", type=_positive, default=1, help="time every group this many times, "
+        "round-robin over the groups, and report the median of the rounds' medians (default 1)")
     add("--json", metavar="PATH", help="write every figure and the machine to this JSON file")
     add("--plot", metavar="PATH", help="write a chart to this PNG file (needs matplotlib)")
     add("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -91,10 +104,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         add("--model", action="append", help="mobilevitv2, swiftformer (default: both)")
         add("--width", action="append", help="MobileViTv2 widths (default 1.0; --quick 0.5)")
         add("--variant", action="append",
-            help=f"SwiftFormer variants: {', '.join(models.SWIFTFORMER)} (default xs)")
-        add("--batch", type=int, help="training batch, also timed in inference beside B=1 "
+            help=f"SwiftFormer variants: {', '.join(SWIFTFORMER)} (default xs)")
+        add("--batch", type=_positive, help="training batch, also timed in inference beside B=1 "
             "(default: 32 on CPU, 256 on GPU; --quick: 8 and 32, inference at B=1 only)")
-        add("--resolution", type=int, help="default: 256 MobileViTv2, 224 SwiftFormer")
+        add("--resolution", type=_positive, help="default: 256 MobileViTv2, 224 SwiftFormer")
         add("--mode", action="append", help=f"{', '.join(models.MODES)} (default: all; "
             "training+amp only for --dtype fp32)")
         add("--dtype", default="fp32", help="model dtype (default fp32)")
@@ -105,7 +118,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     add("--dtype", action="append", help="fp32, bf16 (CPU and GPU), fp16 (GPU) (default: "
         + ("all of the device)" if command == "ops" else "fp32 on CPU, bf16 on GPU)"))
     add("--pass", dest="passes", action="append", help="fwd, fwd+bwd (default: both)")
-    add("--train-batch", type=int, help="the batch timed beside B=1 (default: 32 CPU, 256 GPU)")
+    add("--train-batch", type=_positive,
+        help="the batch timed beside B=1 (default: 32 CPU, 256 GPU)")
     if command == "ops":
         add("--op", action="append", help="separable (MobileViTv2), additive (SwiftFormer)")
         add("--backend", action="append", help="kernel backends (default: all on the device)")
@@ -125,36 +139,13 @@ def _listed(values: list[str] | None, default: Sequence[str] = ()) -> list[str]:
 def _choose(parser, option: str, values: list[str], allowed: Sequence, why: str = "") -> list:
     for v in values:
         if v not in allowed:
-            choices = ", ".join(map(str, allowed)) or "none"
-            parser.error(f"{option} {v!r}{why}: choose from {choices}")
+            parser.error(f"{option} {v!r}{why}: choose from {', '.join(allowed) or 'none'}")
     return values
 
 
-def _at_least_1(parser, option: str, value: int) -> int:
-    if value < 1:
-        parser.error(f"{option} must be >= 1, got {value}")
-    return value
-
-
-def _device(parser, args) -> str:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device cuda: no CUDA device is visible to torch {torch.__version__}")
-    if args.threads is not None:
-        torch.set_num_threads(_at_least_1(parser, "--threads", args.threads))
-    _at_least_1(parser, "--repeat", args.repeat)
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:  # said before the run rather than after it
-            parser.error("--plot needs matplotlib: pip install matplotlib")
-    return device
-
-
 def _selection(parser, args, device: str, ops: list[str], default_shapes, default_dtypes):
-    """The shapes, dtypes and passes of ``ops`` and ``layer``, and the training batch."""
-    batch = shapes.train_batch(device) if args.train_batch is None else args.train_batch
-    _at_least_1(parser, "--train-batch", batch)
+    """The (shape, dtype, pass) groups of ``ops`` and ``layer``, and their settings."""
+    batch = args.train_batch or shapes.train_batch(device)
     try:
         chosen = (shapes.select_shapes(_listed(args.shape), batch, ops) if args.shape
                   else default_shapes(batch))
@@ -166,9 +157,8 @@ def _selection(parser, args, device: str, ops: list[str], default_shapes, defaul
     passes = list(dict.fromkeys(PASS_ALIASES[p] for p in passes))
     # Groups of one table (op, dtype, pass) run one after another, so it prints when done.
     groups = [(s, d, p) for op in ops for d in dtypes for p in passes for s in chosen if s.op == op]
-    settings = {"train_batch": batch, "dtypes": dtypes, "passes": passes,
-                "shapes": [s.name for s in chosen]}
-    return groups, settings
+    return groups, {"train_batch": batch, "dtypes": dtypes, "passes": passes,
+                    "shapes": [s.name for s in chosen]}
 
 
 def _ops_plan(parser, args, device: str):
@@ -181,9 +171,10 @@ def _ops_plan(parser, args, device: str):
                        f" is not available on {device}")
     impls = ["copy", "eager", *([] if args.no_compile else ["compile"]), *backends]
     ops = [op for op in shapes.OPS if any(g[0].op == op for g in groups)]  # the ops that run
-    settings = {"ops": ops, "additive_variant": kernels.ADDITIVE_VARIANT, **settings}
-    time_group = functools.partial(kernels.time_group, device=device, budget=Budget.of(args.quick))
-    return groups, impls, time_group, kernels, settings
+    settings = {"ops": ops, "additive_variant": kernels.ADDITIVE_VARIANT,
+                "grad_paths": {op: kernels.OPS[op].grad_paths for op in ops},
+                "grad_rounds": kernels.GRAD_ROUNDS, **settings}
+    return groups, impls, kernels, {}, settings
 
 
 def _layer_plan(parser, args, device: str):
@@ -196,38 +187,31 @@ def _layer_plan(parser, args, device: str):
     except (ValueError, RuntimeError) as e:
         parser.error(f"--backend {args.backend!r}: {e}")
     settings = {"backend": args.backend, "resolved_backend": resolved, **settings}
-    time_group = functools.partial(layer.time_group, device=device, budget=Budget.of(args.quick),
-                                   backend=args.backend)
-    return groups, impls, time_group, layer, settings
+    return groups, impls, layer, {"backend": args.backend}, settings
 
 
 def _model_plan(parser, args, device: str):
     _choose(parser, "--dtype", [args.dtype], kernels.DEVICE_DTYPES[device])
     impls = _choose(parser, "--impl", _listed(args.impl, models.IMPLS), models.IMPLS)
-    families = _choose(parser, "--model", _listed(args.model, ["mobilevitv2", "swiftformer"]),
-                       ("mobilevitv2", "swiftformer"))
-    batch = args.batch
-    if batch is None:
-        batch = (32 if device == "cuda" else 8) if args.quick else shapes.train_batch(device)
-    _at_least_1(parser, "--batch", batch)
+    families = _choose(parser, "--model", _listed(args.model, shapes.RESOLUTION), shapes.RESOLUTION)
+    batch = args.batch or ((32 if device == "cuda" else 8) if args.quick
+                           else shapes.train_batch(device))
     modes = _choose(parser, "--mode", _listed(args.mode, [
         m for m in models.MODES if args.dtype == "fp32" or m != "training+amp"]), models.MODES)
     if "training+amp" in modes and args.dtype != "fp32":
         parser.error("--mode training+amp runs an fp32 model under autocast: use --dtype fp32")
-    widths = [str(w) for w in WIDTHS]
-    cases = []
-    for family in families:
-        if family == "mobilevitv2":
-            variants = _choose(parser, "--width", _listed(args.width, ["0.5" if args.quick
-                                                                      else "1.0"]), widths)
-        else:
-            variants = _choose(parser, "--variant", _listed(args.variant, ["xs"]),
-                               list(models.SWIFTFORMER))
-        res = args.resolution or (256 if family == "mobilevitv2" else 224)
-        for variant in variants:
-            for mode in modes:  # --quick times inference at B=1 only: the deployment case
-                for b in ((1,) if args.quick else (1, batch)) if mode == "inference" else (batch,):
-                    cases.append(models.ModelCase(family, variant, res, b, mode, args.dtype))
+    variants = {
+        "mobilevitv2": _choose(parser, "--width", _listed(args.width, ["0.5" if args.quick
+                                                                      else "1.0"]),
+                               [str(w) for w in WIDTHS]),
+        "swiftformer": _choose(parser, "--variant", _listed(args.variant, ["xs"]),
+                               list(SWIFTFORMER)),
+    }
+    cases = [models.ModelCase(family, variant, args.resolution or shapes.RESOLUTION[family], b,
+                              mode, args.dtype)
+             for family in families for variant in variants[family] for mode in modes
+             # --quick times inference at B=1 only: the deployment case
+             for b in (((1,) if args.quick else (1, batch)) if mode == "inference" else (batch,))]
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -236,28 +220,24 @@ def _model_plan(parser, args, device: str):
         print("mvit2-bench model: fused-kernel is not available for SwiftFormer", file=sys.stderr)
     settings = {"dtype": args.dtype, "backend": args.backend,
                 "cases": [dataclasses.asdict(c) for c in cases]}
-    time_group = functools.partial(models.time_group, device=device,
-                                   budget=Budget.of(args.quick), backend=args.backend)
-    return list(dict.fromkeys(cases)), impls, time_group, models, settings
+    return list(dict.fromkeys(cases)), impls, models, {"backend": args.backend}, settings
 
 
-def _run(kind, argv, args, device, groups, impls, time_group, module, settings) -> int:
-    """Time every group × impl ``--repeat`` times, round-robin over the groups (a burst of other
+def _run(kind, argv, args, device, groups, impls, module, options, settings) -> int:
+    """Time every group's jobs ``--repeat`` times, round-robin over the groups (a burst of other
     work on the machine then spoils one round of a group, not all of them); print each table
     when its groups are done; write ``--json`` and ``--plot``."""
     from tqdm import tqdm
 
-    env = results.describe(device)
+    env, budget = results.describe(device), Budget.of(args.quick)
     print(f"mvit2-bench {kind}: {env['device_name']} ({device}, {env['threads']} threads), "
           f"torch {env['torch']}; {len(groups)} groups × {len(impls)} impls "
           f"({', '.join(impls)})", flush=True)
-    bar = tqdm(total=args.repeat * len(groups) * len(impls), file=sys.stderr, unit="timing",
-               leave=False, dynamic_ncols=True, disable=True if args.no_progress else None)
+    total = args.repeat * sum(len(module.jobs(g, impls)) for g in groups)
+    bar = tqdm(total=total, file=sys.stderr, unit="timing", leave=False, dynamic_ncols=True,
+               disable=True if args.no_progress else None)
     timed: dict = {g: {} for g in groups}
     rows, pending, skipped = [], [], {}
-
-    def table(row: dict) -> str:
-        return results.labels(kind, row)[0]
 
     def flush():
         bar.write(results.render(pending, kind, env["threads"]), file=sys.stdout)
@@ -266,25 +246,28 @@ def _run(kind, argv, args, device, groups, impls, time_group, module, settings) 
     torch.manual_seed(0)
     for round_ in range(args.repeat):
         for group in groups:
-            for impl, got in time_group(group, impls, tick=bar.update).items():
-                if not isinstance(got, Exception):
-                    timed[group].setdefault(impl, []).append(got)
-                elif (group, impl) not in skipped:
-                    reason = f"{type(got).__name__}: {got}".splitlines()[0][:300]
-                    fields = module.fields(group)
-                    skipped[group, impl] = {**fields, "impl": impl, "reason": reason}
-                    where = ", ".join(map(str, fields.values()))
-                    bar.write(f"skipped {impl} at {where}: {reason}", file=sys.stderr)
+            got = module.time_group(group, impls, device=device, budget=budget, tick=bar.update,
+                                    **options)
+            for (impl, path), measured in got.items():
+                for m in measured:
+                    if not isinstance(m, Exception):
+                        timed[group].setdefault((impl, path), []).append(m)
+                    elif (group, impl, path) not in skipped:
+                        reason = f"{type(m).__name__}: {m}".splitlines()[0][:300]
+                        fields = {**module.fields(group), **({"grads": path} if path else {})}
+                        skipped[group, impl, path] = {**fields, "impl": impl, "reason": reason}
+                        where = ", ".join(map(str, fields.values()))
+                        bar.write(f"skipped {impl} at {where}: {reason}", file=sys.stderr)
             if round_ == args.repeat - 1:
                 for row in module.rows(group, timed[group]):
-                    if pending and table(row) != table(pending[0]):
+                    if pending and results.labels(kind, row)[0] != results.labels(
+                            kind, pending[0])[0]:
                         flush()
                     pending.append(row)
                     rows.append(row)
     if pending:
         flush()
     bar.close()
-    budget = Budget.of(args.quick)
     settings = {"quick": args.quick, "repeat": args.repeat, "impls": impls, **settings,
                 "timer": timer_name(device), **dataclasses.asdict(budget)}
     doc = results.document(kind, argv, env, settings, rows, list(skipped.values()))

@@ -1,7 +1,7 @@
 """The layer benchmark (``mvit2-bench layer``): MobileViTv2's whole attention layer,
-``out_proj(separable_attention(*qkv_proj(x).split(...)))``, as a user runs it, in five
-implementations timed back to back on the same inputs and parameters, all
-:class:`~mvit2_kernels.SeparableAttention` ("impl" in tables and JSON):
+``out_proj(separable_attention(*qkv_proj(x).split(...)))``, as
+:class:`~mvit2_kernels.SeparableAttention` runs it, in five implementations ("impl") timed back
+to back on the same inputs and parameters:
 
 - ``fused-layer``: ``fused=True``, the whole layer without the keys;
 - ``fused-kernel``: ``fused="kernel"``, the two 1×1 convolutions around the fused op;
@@ -38,8 +38,7 @@ IMPLS = {
     "compile": (False, True),
     "fused-layer+compile": (True, True),
 }
-# The training dtype of each device (bf16 on a CPU with --dtype).
-DEFAULT_DTYPES = {"cpu": ("fp32",), "cuda": ("bf16",)}
+DEFAULT_DTYPES = {"cpu": ("fp32",), "cuda": ("bf16",)}  # the training dtype of each device
 RATIOS = {"speedup_vs_eager": "eager", "speedup_vs_compile": "compile"}
 
 
@@ -50,9 +49,8 @@ def default_shapes(batch: int, quick: bool) -> list[Shape]:
     return [s for s in design_shapes(batch, ["separable"]) if s.name.startswith(prefix)]
 
 
-def layer_module(
-    impl: str, state: dict[str, torch.Tensor], dim: int, backend: str, training: bool
-) -> nn.Module:
+def layer_module(impl: str, state: dict[str, torch.Tensor], dim: int, backend: str,
+                 training: bool) -> nn.Module:
     """The ``SeparableAttention(dim)`` of ``impl`` holding the parameters ``state`` (in their
     dtype), compiled afresh for the ``+compile`` impls."""
     fused, compiled = IMPLS[impl]
@@ -85,25 +83,21 @@ def layer_step(module: nn.Module, pass_: str) -> Callable[..., Any]:
     return forward_backward
 
 
-def time_group(
-    group: tuple[Shape, str, str],
-    impls: list[str],
-    device: str,
-    budget: Budget,
-    backend: str,
-    tick: Callable,
-) -> dict[str, Any]:
-    """Time ``impls`` on one (shape, dtype, pass) with one set of parameters: a Measurement, or
-    the exception raised, per impl. x ``[B, D, P, N]`` is contiguous (as the GroupNorm before
-    the layer leaves it) and, in training, a leaf that requires grad."""
+def jobs(group: tuple[Shape, str, str], impls: list[str]) -> list[tuple[str, None]]:
+    """The ``(impl, None)`` timings of one group (one round; the layer has one gradient path)."""
+    return [(impl, None) for impl in impls]
+
+
+def time_group(group: tuple[Shape, str, str], impls: list[str], device: str, budget: Budget,
+               backend: str, tick: Callable) -> dict:
+    """Time ``impls`` on one (shape, dtype, pass) with one set of parameters: ``(impl, None) ->
+    [Measurement or the exception raised]``. x ``[B, D, P, N]`` is contiguous (as the GroupNorm
+    before the layer leaves it) and, in training, a leaf that requires grad."""
     s, dtype_name, pass_ = group
     dtype, training = DTYPES[dtype_name], pass_ == "forward+backward"
-    state = {
-        k: v.to(device=device, dtype=dtype)
-        for k, v in SeparableAttention(s.channels).state_dict().items()
-    }
-    tensors = 1 + training  # x, and the output gradient
-    count = rotation_count(tensors * s.channels * s.elements * dtype.itemsize,
+    state = {k: v.to(device=device, dtype=dtype)
+             for k, v in SeparableAttention(s.channels).state_dict().items()}
+    count = rotation_count((1 + training) * s.channels * s.elements * dtype.itemsize,
                            last_level_cache_bytes(device))
     sets = []
     for _ in range(count):
@@ -114,7 +108,7 @@ def time_group(
         module = layer_module(impl, state, s.channels, backend, training)
         return rotating(layer_step(module, pass_), sets), {"rotated_sets": count}
 
-    return time_each(impls, build, device, budget, tick)
+    return time_each([((i, None), lambda i=i: build(i)) for i in impls], device, budget, tick)
 
 
 def fields(group: tuple[Shape, str, str]) -> dict:
@@ -124,6 +118,6 @@ def fields(group: tuple[Shape, str, str]) -> dict:
             "patches": s.patches, "dtype": dtype, "pass": pass_}
 
 
-def rows(group: tuple[Shape, str, str], timed: dict[str, list]) -> list[dict]:
+def rows(group: tuple[Shape, str, str], timed: dict[tuple, list]) -> list[dict]:
     """The JSON rows of one group from its rounds (docs/performance.md)."""
     return results.summarize(fields(group), timed, RATIOS)

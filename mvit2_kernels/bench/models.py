@@ -1,9 +1,7 @@
-"""The model benchmark (``mvit2-bench model``): a model's training or inference step in each
-implementation, its throughput, and the share of the step spent in attention.
-
-The share times the attention modules on their own: one forward records the input of every
-attention module, then those calls are replayed and timed like the model (forward, or forward and
-backward in training). Attention here is the whole module, projections included: what a user swaps.
+"""The model benchmark (``mvit2-bench model``): a model's inference or training step in each
+implementation, its throughput, and the share of the step spent in attention: one forward records
+the input of every attention module (projections included: what a user swaps), then those calls
+are replayed and timed like the model.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +19,10 @@ from ..models import fuse_
 from ..models.swiftformer import CONFIGS as SWIFTFORMER
 from .kernels import DTYPES
 from .results import summarize
-from .timing import (
-    Budget,
-    last_level_cache_bytes,
-    measure,
-    rotating,
-    rotation_count,
-    time_each,
-)
+from .timing import Budget, last_level_cache_bytes, measure, rotating, rotation_count, time_each
 
-__all__ = ["IMPLS", "MODES", "ModelCase", "attention_modules", "model_builders", "model_step"]
+__all__ = ["IMPLS", "MODES", "ModelCase", "attention_modules", "model_builders", "model_step",
+           "time_group"]
 
 IMPLS = ("fused", "fused+compile", "fused-kernel", "unfused", "transformers",
          "transformers+compile", "transformers+fuse_")
@@ -67,43 +58,23 @@ class _Logits(nn.Module):
         return self.hf(pixel_values=x).logits
 
 
-def _compiled(build: Callable[[str], nn.Module]) -> Callable[[str], nn.Module]:
-    def build_compiled(backend: str) -> nn.Module:
-        torch._dynamo.reset()  # a static graph per case, never the recompile limit's fallback
-        return torch.compile(build(backend), dynamic=False)
-
-    return build_compiled
-
-
 def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Module]]:
     """``impl -> build(backend)`` for ``family`` ``mobilevitv2`` (variant: the width) or
     ``swiftformer`` (``xs``, ``s``, ``l1``, ``l3``); transformers' models from a config."""
     import transformers
 
     if family == "mobilevitv2":
-        width = float(variant)
-        config = transformers.MobileViTV2Config(width_multiplier=width, num_labels=1000)
+        config = transformers.MobileViTV2Config(width_multiplier=float(variant), num_labels=1000)
         hf_class = transformers.MobileViTV2ForImageClassification
-        builders = {
-            "fused": lambda backend: zoo.mobilevitv2(width, fused=True, backend=backend),
-            # The projections as convolutions around the fused op (the keys are computed).
-            "fused-kernel": lambda backend: zoo.mobilevitv2(width, fused="kernel",
-                                                               backend=backend),
-            "unfused": lambda _: zoo.mobilevitv2(width, fused=False),
-        }
+        ours = {"fused": True, "fused-kernel": "kernel", "unfused": False}
+        factory = lambda **kw: zoo.mobilevitv2(float(variant), **kw)  # noqa: E731
     else:
         depths, dims = SWIFTFORMER[variant]
         config = transformers.SwiftFormerConfig(depths=depths, embed_dims=dims, num_labels=1000)
         hf_class = transformers.SwiftFormerForImageClassification
-        factory = getattr(zoo, f"swiftformer_{variant}")
+        ours = {"fused": True, "unfused": False}  # no keys to leave out: no fused-kernel
         # transformers' SwiftFormer is the "softmax" variant; both move the same bytes.
-        builders = {
-            "fused": lambda backend: factory(variant="softmax", fused=True, backend=backend),
-            "unfused": lambda _: factory(variant="softmax", fused=False),
-        }
-    builders["transformers"] = lambda _: _Logits(hf_class(config))
-    builders["fused+compile"] = _compiled(builders["fused"])
-    builders["transformers+compile"] = _compiled(builders["transformers"])
+        factory = lambda **kw: getattr(zoo, f"swiftformer_{variant}")(variant="softmax", **kw)  # noqa: E731
 
     def fused_hf(backend: str) -> nn.Module:
         model = _Logits(hf_class(config))
@@ -111,7 +82,19 @@ def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Mo
             raise RuntimeError(f"fuse_ swapped no attention module of {hf_class.__name__}")
         return model
 
+    def compiled(build: Callable[[str], nn.Module]) -> Callable[[str], nn.Module]:
+        def build_compiled(backend: str) -> nn.Module:
+            torch._dynamo.reset()  # a static graph per case, never the recompile limit's fallback
+            return torch.compile(build(backend), dynamic=False)
+
+        return build_compiled
+
+    builders = {impl: lambda backend, f=fused: factory(fused=f, backend=backend)
+                for impl, fused in ours.items()}
+    builders["transformers"] = lambda _: _Logits(hf_class(config))
     builders["transformers+fuse_"] = fused_hf
+    for impl in ("fused", "transformers"):
+        builders[f"{impl}+compile"] = compiled(builders[impl])
     return builders
 
 
@@ -132,22 +115,25 @@ def model_step(model: nn.Module, mode: str) -> Callable[[torch.Tensor, torch.Ten
     and an SGD step, as a training loop runs it (under bf16 autocast for ``training+amp``)."""
     if mode == "inference":
 
-        def infer(x, _):
+        def infer(x: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 return model(x)
 
         return infer
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    amp = mode == "training+amp"
 
-    def train(x, labels):
+    def train(x: torch.Tensor, labels: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=AMP_DTYPE, enabled=amp):
+        with torch.autocast(x.device.type, dtype=AMP_DTYPE, enabled=mode == "training+amp"):
             loss = F.cross_entropy(model(x), labels)
         loss.backward()
         opt.step()
 
     return train
+
+
+def _first(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
 def attention_replay(model: nn.Module, x: torch.Tensor, mode: str) -> tuple[Callable, int]:
@@ -156,9 +142,8 @@ def attention_replay(model: nn.Module, x: torch.Tensor, mode: str) -> tuple[Call
     the number of modules."""
     mods, calls = attention_modules(model), []
 
-    def record(module, args, kwargs):
-        calls.append((module, [a.detach().clone() if torch.is_tensor(a) else a for a in args],
-                      kwargs))
+    def record(m: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((m, [a.detach().clone() if torch.is_tensor(a) else a for a in args], kwargs))
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in mods]
     try:
@@ -169,40 +154,43 @@ def attention_replay(model: nn.Module, x: torch.Tensor, mode: str) -> tuple[Call
             h.remove()
     if mode == "inference":
 
-        def replay():
+        def replay() -> None:
             with torch.inference_mode():
-                for module, args, kwargs in calls:
-                    module(*args, **kwargs)
+                for m, args, kwargs in calls:
+                    m(*args, **kwargs)
 
         return replay, len(mods)
     amp = torch.autocast(x.device.type, dtype=AMP_DTYPE, enabled=mode == "training+amp")
     grads = []
-    for module, args, kwargs in calls:
+    for m, args, kwargs in calls:
         for a in args:
             if torch.is_tensor(a) and a.is_floating_point():
                 a.requires_grad_()
         with torch.no_grad(), amp:
-            out = module(*args, **kwargs)
-        grads.append(torch.randn_like(out[0] if isinstance(out, tuple) else out))
+            grads.append(torch.randn_like(_first(m(*args, **kwargs))))
     params = [p for m in mods for p in m.parameters()]
 
-    def replay_train():
+    def replay_train() -> None:
         for p in params:
             p.grad = None  # as zero_grad(set_to_none=True) does in the model's step
-        for (module, args, kwargs), g in zip(calls, grads, strict=True):
+        for (m, args, kwargs), g in zip(calls, grads, strict=True):
             with amp:
-                out = module(*args, **kwargs)
-            (out[0] if isinstance(out, tuple) else out).backward(g)
+                out = _first(m(*args, **kwargs))
+            out.backward(g)
 
     return replay_train, len(mods)
 
 
-def time_group(
-    case: ModelCase, impls: list[str], device: str, budget: Budget, backend: str, tick: Callable
-) -> dict[str, Any]:
-    """Time each impl's attention modules' replay, then its step on ``case``: a Measurement (the
-    replay's time and the module count in its metadata), or the exception raised. An impl the
-    model does not have (SwiftFormer's fused-kernel) is left out."""
+def jobs(case: ModelCase, impls: list[str]) -> list[tuple[str, None]]:
+    """The ``(impl, None)`` timings of one case (SwiftFormer's fused-kernel counts, untimed)."""
+    return [(impl, None) for impl in impls]
+
+
+def time_group(case: ModelCase, impls: list[str], device: str, budget: Budget, backend: str,
+               tick: Callable) -> dict:
+    """Time each impl's attention modules' replay, then its step on ``case``: ``(impl, None) ->
+    [Measurement]`` (the replay's time and the module count in its metadata) or the exception
+    raised. An impl the model does not have (SwiftFormer's fused-kernel) is left out."""
     builders, dtype = model_builders(case.family, case.variant), DTYPES[case.dtype]
     shape = (case.batch, 3, case.resolution, case.resolution)
     count = rotation_count(torch.Size(shape).numel() * dtype.itemsize,
@@ -224,7 +212,7 @@ def time_group(
     present = [i for i in impls if i in builders]
     for _ in range(len(impls) - len(present)):
         tick()  # the progress bar counts every impl of every case
-    return time_each(present, build, device, budget, tick)
+    return time_each([((i, None), lambda i=i: build(i)) for i in present], device, budget, tick)
 
 
 def fields(case: ModelCase) -> dict:
@@ -233,12 +221,12 @@ def fields(case: ModelCase) -> dict:
             "dtype": case.dtype, "mode": case.mode}
 
 
-def rows(case: ModelCase, timed: dict[str, list]) -> list[dict]:
+def rows(case: ModelCase, timed: dict[tuple, list]) -> list[dict]:
     """The JSON rows of one case from its rounds: throughput and attention share."""
     out = summarize(fields(case), timed, {})
     for r, ms in zip(out, timed.values(), strict=True):
         got = [m.metadata["attention_ms"] for m in ms if m.metadata["attention_ms"] is not None]
         r["attention_ms"] = statistics.median(got) if got else None
         r["images_per_s"] = case.batch / (r["median_ms"] * 1e-3)
-        r["attention_share"] = None if not got else r["attention_ms"] / r["median_ms"]
+        r["attention_share"] = r["attention_ms"] / r["median_ms"] if got else None
     return out

@@ -7,6 +7,7 @@ command (schema version 1) prints and plots like a fresh run (``mvit2-bench repo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -45,26 +46,21 @@ CHARTED = {
 BASELINES = ("copy", "eager", "compile")
 
 
-def summarize(fields: dict, timed: dict[str, list[Measurement]], ratios: dict) -> list[dict]:
-    """One row per impl from its rounds' measurements: ``fields``, the median of the round
-    medians, the median IQR, the samples, each round's median, the metadata of the measurements
-    (the last round's), and per ``ratios`` entry ``name: baseline`` the baseline's median over
-    this one (``None`` when the baseline did not run)."""
-    medians = {impl: statistics.median(m.median for m in ms) * 1e3 for impl, ms in timed.items()}
+def summarize(fields: dict, timed: dict[tuple, list[Measurement]], ratios: dict) -> list[dict]:
+    """One row per ``(impl, gradient path)`` from its rounds' measurements: ``fields``, the median
+    of the round medians, the median IQR, the samples, each round's median, the metadata of the
+    last round, and per ``ratios`` entry ``name: baseline`` the baseline's median (on the same
+    path) over this one (``None`` when the baseline did not run)."""
+    medians = {key: statistics.median(m.median for m in ms) * 1e3 for key, ms in timed.items()}
     rows = []
-    for impl, ms in timed.items():
-        row = {
-            **fields,
-            "impl": impl,
-            "median_ms": medians[impl],
-            "iqr_ms": statistics.median(m.iqr for m in ms) * 1e3,
-            "repeats": sum(len(m.times) for m in ms),
-            "round_ms": [m.median * 1e3 for m in ms],
-            **ms[-1].metadata,
-        }
+    for (impl, path), ms in timed.items():
+        rows.append({**fields, "impl": impl, "median_ms": medians[impl, path],
+                     "iqr_ms": statistics.median(m.iqr for m in ms) * 1e3,
+                     "repeats": sum(len(m.times) for m in ms),
+                     "round_ms": [m.median * 1e3 for m in ms], **ms[-1].metadata})
         for name, base in ratios.items():
-            row[name] = medians[base] / medians[impl] if base in medians else None
-        rows.append(row)
+            got = medians.get((base, path))
+            rows[-1][name] = None if got is None else got / medians[impl, path]
     return rows
 
 
@@ -74,7 +70,8 @@ def labels(kind: str, row: dict) -> tuple[str, str]:
         return (f"{row['model']} at {row['resolution']}px, {row['dtype']}",
                 f"{row['mode']}, B={row['batch']}")
     what = "attention layer" if kind == "layer" else f"{row.get('op', 'separable')} attention"
-    return f"{what}, {row['dtype']}, {row['pass']}", row["shape"]
+    grads = f" ({row['grads']})" if row.get("grads") else ""
+    return f"{what}, {row['dtype']}, {row['pass']}", row["shape"] + grads
 
 
 def render(rows: list[dict], kind: str, threads: int) -> str:
@@ -162,14 +159,11 @@ def _cpu_name() -> str:
 def _git_commit() -> str | None:
     """The checkout's commit when the package runs from a git working tree (editable install)."""
     root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return None
-    try:
-        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
+    if (root / ".git").exists():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
+                                  capture_output=True, text=True, timeout=10).stdout.strip() or None
+    return None
 
 
 def describe(device: str) -> dict[str, Any]:
@@ -178,40 +172,26 @@ def describe(device: str) -> dict[str, Any]:
 
     gpu = torch.cuda.get_device_properties(0) if device == "cuda" else None
     return {
-        "device": device,
-        "device_name": gpu.name if gpu else _cpu_name(),
-        "cpu_name": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        "device": device, "device_name": gpu.name if gpu else _cpu_name(),
+        "cpu_name": _cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu_multiprocessors": gpu.multi_processor_count if gpu else None,
         "gpu_memory_bytes": gpu.total_memory if gpu else None,
         "last_level_cache_bytes": last_level_cache_bytes(device),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "mvit2_kernels": __version__,
-        "git_commit": _git_commit(),
-        "backends": available_backends(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
+        "transformers": _version("transformers"), "mvit2_kernels": __version__,
+        "git_commit": _git_commit(), "backends": available_backends(),
+        "python": platform.python_version(), "platform": platform.platform(),
     }
 
 
 def document(kind: str, argv: Sequence[str], env: dict, settings: dict, rows: list[dict],
              skipped: list[dict]) -> dict[str, Any]:
     """The top-level JSON object of one run."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": kind,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["mvit2-bench", *argv]),
-        "environment": env,
-        "settings": settings,
-        "rows": rows,
-        "skipped": skipped,
-    }
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, "created": created,
+            "command": shlex.join(["mvit2-bench", *argv]), "environment": env,
+            "settings": settings, "rows": rows, "skipped": skipped}
 
 
 def write_json(path: str | os.PathLike, doc: dict) -> None:

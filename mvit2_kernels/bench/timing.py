@@ -1,5 +1,5 @@
 """Timing with the established tools: ``torch.utils.benchmark.Timer`` on a CPU,
-``triton.testing.do_bench`` on a GPU, both returning a ``torch.utils.benchmark.Measurement``.
+``triton.testing.do_bench`` on a GPU, both giving a ``torch.utils.benchmark.Measurement``.
 
 What is ours is the input rotation: a measured callable cycles through several input sets
 (:func:`rotating`) whose total outgrows the last-level cache (:func:`rotation_count`), so that a
@@ -12,7 +12,7 @@ import gc
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,26 +39,21 @@ class Budget:
 
 
 def last_level_cache_bytes(device: str) -> int:
-    """The cache a rotated working set must outgrow: the GPU's L2, or the CPU's largest cache as
-    sysfs reports it (32 MiB when unknown)."""
+    """The GPU's L2, or the CPU's largest cache as sysfs reports it (32 MiB when unknown)."""
     if device == "cuda":
         return int(torch.cuda.get_device_properties(0).L2_cache_size)
-    sizes = [32 << 20]
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        if text[:-1].isdigit() and text[-1] in "KMG":
-            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
-    return max(sizes) if len(sizes) == 1 else max(sizes[1:])
+    sizes = [int(t[:-1]) << {"K": 10, "M": 20, "G": 30}[t[-1]]
+             for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size")
+             if (t := f.read_text().strip())[:-1].isdigit() and t[-1] in "KMG"]
+    return max(sizes, default=32 << 20)
 
 
-def rotation_count(
-    set_bytes: int, cache_bytes: int, *, budget_bytes: int = 1 << 30, max_sets: int = 512
-) -> int:
+def rotation_count(set_bytes: int, cache_bytes: int, *, budget_bytes: int = 1 << 30,
+                   max_sets: int = 512) -> int:
     """How many input sets of ``set_bytes`` to cycle so that together they are at least twice the
     last-level cache, bounded by ``budget_bytes`` of memory and ``max_sets`` (at least one)."""
     per_set = max(set_bytes, 1)
-    wanted = math.ceil(2 * cache_bytes / per_set)
-    return max(1, min(wanted, budget_bytes // per_set, max_sets))
+    return max(1, min(math.ceil(2 * cache_bytes / per_set), budget_bytes // per_set, max_sets))
 
 
 def rotating(fn: Callable[..., Any], sets: Sequence[tuple]) -> Callable[[], Any]:
@@ -67,7 +62,7 @@ def rotating(fn: Callable[..., Any], sets: Sequence[tuple]) -> Callable[[], Any]
     return lambda: fn(*next(cycle))
 
 
-def _do_bench():
+def _do_bench() -> Callable | None:
     try:
         from triton.testing import do_bench
     except ImportError:
@@ -84,8 +79,8 @@ def timer_name(device: str) -> str:
 
 def measure(fn: Callable[[], Any], device: str, budget: Budget, **metadata: Any) -> Measurement:
     """Warm ``fn`` up (compiles happen here), then time it; ``metadata`` is kept on the
-    measurement, with ``peak_mib`` added: on a GPU the memory one call allocates beyond what
-    existed before it (Liger-Kernel's memory figure), on a CPU ``None``."""
+    measurement, with ``peak_mib``: on a GPU the memory one call allocates beyond what existed
+    before it (Liger-Kernel's memory figure), on a CPU ``None``."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     start, calls = time.perf_counter(), 0
     while calls < 2 or time.perf_counter() - start < budget.warmup_s:
@@ -93,47 +88,42 @@ def measure(fn: Callable[[], Any], device: str, budget: Budget, **metadata: Any)
         fn()
         sync()
         calls += 1
-    per_call = time.perf_counter() - last
     # A slow call still gets min_repeats samples (blocks on a CPU, calls on a GPU).
-    run_time = max(budget.min_run_time_s, budget.min_repeats * per_call * 1.05)
-    threads = torch.get_num_threads()
-    do_bench = _do_bench() if device == "cuda" else None
+    run_time = max(budget.min_run_time_s, budget.min_repeats * (time.perf_counter() - last) * 1.05)
+    threads, do_bench = torch.get_num_threads(), _do_bench() if device == "cuda" else None
     if do_bench is not None:  # do_bench also flushes the L2 before every call
         times = do_bench(fn, warmup=1, rep=run_time * 1e3, return_mode="all")
-        task = TaskSpec("fn()", "pass", num_threads=threads)
-        m = Measurement(1, [t * 1e-3 for t in times], task)
+        m = Measurement(1, [t * 1e-3 for t in times], TaskSpec("fn()", "pass", num_threads=threads))
     else:  # the Timer defaults to one thread: time with the threads the user's code gets
-        timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
-        m = timer.blocked_autorange(min_run_time=run_time)
-    m.metadata = {**metadata, "peak_mib": _peak_mib(fn) if device == "cuda" else None}
+        m = Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(
+            min_run_time=run_time)
+    peak = None
+    if device == "cuda":
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    m.metadata = {**metadata, "peak_mib": peak}
     return m
 
 
-def _peak_mib(fn: Callable[[], Any]) -> float:
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def time_each(
-    impls: Sequence[str], build: Callable[[str], tuple[Callable[[], Any], dict]], device: str,
-    budget: Budget, tick: Callable[[], Any],
-) -> dict[str, Measurement | Exception]:
-    """Measure, impl after impl, the callable ``build(impl)`` returns with its metadata; an impl
-    that fails (a missing backend, a failed compile, out of memory) gives its exception instead,
-    reported rather than fatal. ``tick()`` after each."""
-    out: dict[str, Measurement | Exception] = {}
-    for impl in impls:
+def time_each(jobs: Sequence[tuple[Hashable, Callable[[], tuple[Callable, dict]]]], device: str,
+              budget: Budget, tick: Callable[[], Any]) -> dict[Hashable, list]:
+    """Per job ``(key, build)``, in order, measure the callable ``build()`` returns with its
+    metadata. A job that fails (a missing backend, a failed compile, out of memory) gives its
+    exception instead, reported rather than fatal. Returns ``key -> [result, ...]`` (a key may
+    come back in several rounds); ``tick()`` after each job."""
+    out: dict[Hashable, list] = {}
+    for key, build in jobs:
         try:
-            fn, metadata = build(impl)
-            out[impl] = measure(fn, device, budget, **metadata)
+            fn, metadata = build()
+            got = measure(fn, device, budget, **metadata)
         except Exception as e:
-            out[impl] = e
+            got = e
+        out.setdefault(key, []).append(got)
         fn = None
-        gc.collect()  # this impl's buffers, graphs and saved activations go before the next
+        gc.collect()  # this job's buffers, graphs and saved activations go before the next
         if device == "cuda":
             torch.cuda.empty_cache()
         tick()
