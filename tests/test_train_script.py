@@ -1,0 +1,138 @@
+"""Specification of examples/train.py: it trains under torchrun on two CPU processes, resumes to
+the very parameters of an uninterrupted run, survives a kill mid-save, and turns bad input into
+one clear line instead of a traceback.
+
+Tiny runs: 32×32 images, a few steps; the in-process runs use a generated image folder (two
+classes, 24 PNGs) so that a few steps cross an epoch."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import train  # noqa: E402  (examples/train.py)
+import train_state  # noqa: E402
+
+TINY = ["--image-size", "32", "--no-progress", "--workers", "0"]
+
+
+def folder(root: Path, per_class: int = 12) -> Path:
+    """Two classes of 32×32 PNGs: bright squares (top left vs bottom right) on noise."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for label, name in enumerate(["top_left", "bottom_right"]):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = torch.rand(32, 32, 3, generator=g) * 0.3
+            img[label * 16 : label * 16 + 16, label * 16 : label * 16 + 16] += 0.7
+            Image.fromarray((img * 255).byte().numpy()).save(root / name / f"{i}.png")
+    return root
+
+
+def run(out: Path, data: Path, *extra: str) -> dict:
+    return train.main([*TINY, "--data-dir", str(data), "--batch-size", "4", "--epochs", "2",
+                       "--out", str(out), *extra])
+
+
+def test_resumed_run_reaches_the_parameters_of_an_uninterrupted_one(tmp_path):
+    data = folder(tmp_path / "data")
+    full = run(tmp_path / "a", data)
+    assert full["step"] == 8  # 19 training images, batches of 4: 4 steps an epoch, 2 epochs
+    expected = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+
+    assert run(tmp_path / "b", data, "--max-steps", "5")["step"] == 5  # stops mid-epoch 2
+    assert run(tmp_path / "b", data, "--resume")["step"] == 8
+    got = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    for key in ("model", "optimizer"):
+        a, r = expected[key], got[key]
+        if key == "optimizer":
+            a = {f"{i}.{n}": t for i, s in a["state"].items() for n, t in s.items()}
+            r = {f"{i}.{n}": t for i, s in r["state"].items() for n, t in s.items()}
+        assert a.keys() == r.keys()
+        for k in a:
+            assert torch.equal(a[k], r[k]), f"{key} {k} differs after resuming"
+    assert got["history"]["loss"] == expected["history"]["loss"]
+    assert got["scheduler"] == expected["scheduler"]
+
+
+def test_a_kill_mid_save_leaves_the_previous_checkpoint_readable(tmp_path):
+    """The process is SIGKILLed while torch.save is writing the new checkpoint."""
+    path = tmp_path / "checkpoint.pt"
+    previous = {"model": {"w": torch.arange(4.0)}, "optimizer": {}, "epoch": 1, "step": 7,
+                "args": {}}
+    train_state.save_atomic(previous, path)
+    code = f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(EXAMPLES)!r})
+import train_state
+
+def dying_save(obj, f):
+    f.write(b"PK" + b"\\0" * 4096)  # the first bytes of a new zip, then the kill
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = dying_save
+train_state.save_atomic({{"model": {{"w": torch.zeros(4)}}, "step": 8}}, {str(path)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert [p.name for p in tmp_path.glob(".checkpoint.pt.tmp.*")], "the kill came before the write"
+    state = train_state.load(path)
+    assert state["step"] == 7 and torch.equal(state["model"]["w"], torch.arange(4.0))
+
+
+@pytest.mark.parametrize("problem", ["fp16_on_cpu", "no_class_folders", "missing_init",
+                                     "corrupt_init", "missing_resume", "corrupt_resume"])
+def test_bad_input_is_one_clear_error(tmp_path, problem):
+    data = tmp_path / "data"
+    data.mkdir()
+    args, expected = ["--data-dir", str(folder(tmp_path / "ok")), "--batch-size", "4"], ""
+    if problem == "fp16_on_cpu":
+        if torch.cuda.is_available():
+            pytest.skip("fp16 runs on this machine's GPU")
+        args, expected = ["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"
+    elif problem == "no_class_folders":
+        torch.save({}, data / "loose.png")
+        args, expected = ["--data-dir", str(data)], "has no class subfolders"
+    elif problem == "missing_init":
+        args += ["--init", str(tmp_path / "nope.safetensors")]
+        expected = "no such file"
+    elif problem == "corrupt_init":
+        (tmp_path / "bad.pth").write_bytes(b"not a checkpoint" * 64)
+        args += ["--init", str(tmp_path / "bad.pth")]
+        expected = "cannot start from --init"
+    elif problem == "missing_resume":
+        args += ["--resume"]
+        expected = "no checkpoint at"
+    else:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+        args += ["--resume"]
+        expected = "is unreadable"
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--out", str(tmp_path / "out"), *args])
+    assert str(e.value).startswith("train.py: error: ") and expected in str(e.value), e.value
+
+
+def test_torchrun_two_processes_train_and_the_loss_goes_down(tmp_path):
+    """The README's command on two CPU processes (gloo), on digits, a few steps."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(EXAMPLES / "train.py"), *TINY, "--batch-size", "16", "--epochs", "1",
+           "--max-steps", "12", "--warmup-steps", "3", "--lr", "3e-3", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es) on cpu (gloo)" in proc.stderr + proc.stdout
+    assert "final: val accuracy" in proc.stderr + proc.stdout
+    losses = torch.load(out / "checkpoint.pt", weights_only=False)["history"]["loss"]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
