@@ -40,23 +40,6 @@ constexpr int kDTile = 512;  // features per block: at most 16 per lane
 constexpr int64_t kMinBlocks = 512;
 constexpr int64_t kMinTokens = 32;
 
-// A [B, N, D] tensor: data and the element strides of b and n; d has unit stride.
-template <typename T>
-struct Rows {
-  T* data;
-  int64_t sb, sn;
-  __device__ T* row(int64_t b, int64_t n) const { return data + b * sb + n * sn; }
-};
-
-template <typename T>
-Rows<T> rows_of(const at::Tensor& t) {
-  if constexpr (std::is_const_v<T>) {
-    return {t.const_data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1)};
-  } else {
-    return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1)};
-  }
-}
-
 // (batch, token chunk) blocks: enough to fill the GPU at B = 1, at least kMinTokens each. A
 // function of the shape alone, so the chunk sums have one order on every device and run.
 struct Chunks {

@@ -1,5 +1,5 @@
-// Helpers shared by the CUDA kernels (csrc/cuda/*.cu): block shape, 16-byte vector loads and
-// stores, NaN-propagating relu/max, fixed-order warp and block reductions, the softmax statistics
+// Helpers shared by the CUDA kernels (csrc/cuda/*.cu): block shape and occupancy, strided row
+// access, 16-byte vector loads and stores, NaN-propagating relu/max, fixed-order warp and block reductions, the softmax statistics
 // of a row, and the choice of vector width. Everything here is inline or a template, so every .cu
 // may include it.
 #pragma once
@@ -19,6 +19,34 @@ namespace mvit2 {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+// The streaming kernels' __launch_bounds__ minimum: ≤ 80 registers, so that 3 blocks (768
+// threads) share an SM and keep ~48 KiB of loads in flight; float64 (gradcheck, not speed) gets
+// 128 rather than spill.
+template <typename scalar_t>
+constexpr int kBlocksPerSm = sizeof(scalar_t) == 8 ? 2 : 3;
+
+// A tensor whose last dim has unit stride (unit_last_stride): data and the element strides of
+// the other dims, [b, c, p] of [B, C, P, N] or [b, n] of [B, N, D]. Read as they are, so the
+// q/k/v views of one qkv tensor need no copy.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t s0, s1, s2;
+  __device__ T* row(int64_t i0, int64_t i1, int64_t i2 = 0) const {
+    return data + i0 * s0 + i1 * s1 + i2 * s2;
+  }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 3 || t.dim() == 4, "rows_of: a 3-D or 4-D tensor");
+  const int64_t s2 = t.dim() == 4 ? t.stride(2) : 0;
+  if constexpr (std::is_const_v<T>) {
+    return {t.const_data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), s2};
+  } else {
+    return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1), s2};
+  }
+}
 
 template <typename scalar_t, int W>
 struct alignas(sizeof(scalar_t) * W) Pack {

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "../checks.h"
 #include "common.cuh"
@@ -22,10 +21,6 @@ namespace mvit2 {
 namespace {
 
 constexpr const char* kOp = "separable_attention";
-// ≤ 80 registers, so that 3 blocks (768 threads) share an SM and keep ~48 KiB of loads in flight;
-// float64 (gradcheck, not speed) gets 128 rather than spill.
-template <typename scalar_t>
-constexpr int kBlocksPerSm = sizeof(scalar_t) == 8 ? 2 : 3;
 // Channels whose loads a lane issues before it uses any of them (memory-level parallelism).
 constexpr int kBatch = 4;
 // Bounds the shared ctx/dctx arrays of a block (4 KiB each in float32).
@@ -34,22 +29,6 @@ constexpr int64_t kMaxChannelTile = 1024;
 constexpr int64_t kMinBlocks = 512;
 // Bytes of each streamed tensor per block: at B=256 the grid then has several waves.
 constexpr int64_t kTileBytes = 16 * 1024;
-
-// One tensor indexed [b, c, p, n]: data and the element strides of dims 0..2; n has unit stride.
-template <typename T>
-struct Rows {
-  T* data;
-  int64_t sb, sc, sp;
-};
-
-template <typename T>
-Rows<T> rows_of(const at::Tensor& t) {
-  if constexpr (std::is_const_v<T>) {
-    return {t.const_data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2)};
-  } else {
-    return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
-  }
-}
 
 // How a launch splits the channels, and how a block's threads split a channel row: `group`
 // lanes (a power of two ≤ 32, so shuffles stay inside a warp) read W-element vectors of one row,
@@ -96,7 +75,7 @@ struct BlockTile {
   }
   template <typename T>
   __device__ T* row_start(const Rows<T>& r, int c) const {  // element (b, c0 + c, p, 0)
-    return r.data + b * r.sb + (c0 + c) * r.sc + p * r.sp;
+    return r.row(b, c0 + c, p);
   }
   // The lane's W-vector of channel slot `slot`, panel `pan`.
   template <int W, typename T>
@@ -133,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   __shared__ acc_t red[kWarps];
   __shared__ acc_t ctx_s[kMaxChannelTile];
   const BlockTile bt(a.t, a.C, a.P, a.N, W);
-  const scalar_t* q = a.q.data + bt.b * a.q.sb + bt.p * a.q.sp;
+  const scalar_t* q = a.q.row(bt.b, 0, bt.p);
 
   // ctx_s[c] is only ever touched by lane 0 of the group owning c: no barrier needed.
   if (bt.lane == 0)
@@ -264,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     }
   }
 
-  const scalar_t* q = a.q.data + bt.b * a.q.sb + bt.p * a.q.sp;
+  const scalar_t* q = a.q.row(bt.b, 0, bt.p);
   acc_t mx, inv;
   softmax_stats(q, a.N, red, mx, inv);  // its barriers also publish dctx_s and ctx_s
   const int64_t part = bt.row * a.t.tiles + bt.tile;
@@ -340,9 +319,9 @@ __global__ void __launch_bounds__(kThreads)
       dot += a.dot_part[row * a.tiles + t];
       ds += a.ds_part[(row * a.tiles + t) * a.N + n];
     }
-    const acc_t x = static_cast<acc_t>(a.q.data[b * a.q.sb + p * a.q.sp + n]);
+    const acc_t x = static_cast<acc_t>(a.q.row(b, 0, p)[n]);
     const acc_t s = exp_acc(x - a.stats[2 * row]) * a.stats[2 * row + 1];
-    a.dq.data[b * a.dq.sb + p * a.dq.sp + n] = static_cast<scalar_t>(s * (ds - dot));
+    a.dq.row(b, 0, p)[n] = static_cast<scalar_t>(s * (ds - dot));
   }
 }
 

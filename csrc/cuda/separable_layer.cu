@@ -39,11 +39,6 @@ constexpr int kBatch = 4;
 // Shared memory for a row's vectors: N ≤ 8192 (forward) or 4096 (backward) in float32. With the
 // static arrays this stays under the 48 KiB a block gets without opting in.
 constexpr int64_t kRowCacheBytes = 32 * 1024;
-// ≤ 80 registers for the context kernels, so that 3 blocks (768 threads) share an SM; float64
-// (gradcheck, not speed) gets 128 rather than spill.
-template <typename scalar_t>
-constexpr int kBlocksPerSm = sizeof(scalar_t) == 8 ? 2 : 3;
-
 // Where a context block works: row (b, p) of x. Lane group grp owns d = grp + slot·groups (slot
 // = 0 .. slots-1), its lane the W-vectors j = pan·group + lane (pan = 0 .. panels-1). slots and
 // panels are block-uniform, so every lane runs every shuffle and barrier.
