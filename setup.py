@@ -5,7 +5,8 @@ wheel built on one machine runs on any other. Flags come from ``csrc/build.json`
 ``scripts/compile_cuda.sh`` read too (docs/build.md).
 
 Build knobs (environment): FORCE_CUDA=1 insists on the CUDA kernels, MVIT2_NO_CUDA=1 skips them,
-TORCH_CUDA_ARCH_LIST picks the GPU architectures (default from build.json: "8.0;9.0"), MAX_JOBS
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default from build.json: "8.0;9.0+PTX", the PTX
+for GPUs newer than sm_90, e.g. Blackwell), MAX_JOBS
 caps ninja's parallel compiles, MVIT2_CPU_ISA picks the CPU builds: "dispatch" (default: every
 instruction set of build.json's ``cpu_isa_dispatch``, chosen at import), or one build only:
 "native" (this machine's, -march=native: fastest, for this machine alone), "avx512", "avx2" or

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compiles every csrc/cuda/*.cu to an object file with nvcc, for the architectures of
-# csrc/build.json (sm_80, sm_90), against the installed torch's headers: a CUDA compile error
-# (or a warning in our code) fails CI on machines with no GPU and a CPU build of torch, since
-# nothing is linked.
+# csrc/build.json (sm_80, sm_90, and compute_90 PTX for newer GPUs), against the installed torch's
+# headers: a CUDA compile error (or a warning in our code) fails CI on machines with no GPU and a
+# CPU build of torch, since nothing is linked.
 #   bash scripts/compile_cuda.sh   # VERBOSE=1 prints registers, spills and shared memory per kernel
 # Environment: NVCC (default nvcc), PYTHON (default python3), EXTRA_NVCC_FLAGS.
 set -euo pipefail
@@ -22,9 +22,10 @@ build = json.load(open(sys.argv[1]))
 for d in c.include_paths(): print(f"-isystem={d}")
 print(*c.COMMON_NVCC_FLAGS, sep="\n")
 print("-std=c++" + str(build["cxx_standard"]), *build["nvcc_flags"], sep="\n")
-for a in build["cuda_archs"]:
-    sm = a.replace(".", "")
-    print(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+for a in build["cuda_archs"]:  # "9.0+PTX": SASS for sm_90 and PTX for newer GPUs
+    sm = a.removesuffix("+PTX").replace(".", "")
+    code = f"[sm_{sm},compute_{sm}]" if a.endswith("+PTX") else f"sm_{sm}"
+    print(f"-gencode=arch=compute_{sm},code={code}")
 ' "$root/csrc/build.json")
 ((${#torch_flags[@]})) || { echo "compile_cuda.sh: cannot import torch with $python" >&2; exit 2; }
 
