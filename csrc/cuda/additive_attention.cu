@@ -35,6 +35,7 @@ namespace {
 
 constexpr const char* kOp = "additive_attention";
 constexpr int kDTile = 512;  // features per block: at most 16 per lane
+constexpr int64_t kMaxGridY = 65535;
 // (b, chunk) blocks wanted when B is small (~4 per SM of a 132-SM H100), and tokens per chunk
 // at least (4 rows per warp).
 constexpr int64_t kMinBlocks = 512;
@@ -77,16 +78,27 @@ __device__ __forceinline__ acc_t normalize_backward(acc_t dxn, acc_t x, acc_t no
                                     : dxn * inv - x * (inv * inv * inv * t);
 }
 
-// Where a block works: batch b, tokens [n0, n1) of chunk `task`, features d0 + lane + 32 v.
+// Where a block works: batch b, tokens [n0, n1) of chunk `task`, features d0 + lane + 32 v of
+// feature tile `tile`.
 struct BlockTile {
   int64_t task, b, n0, n1, d0;
   int warp, lane;
-  __device__ BlockTile(const Chunks& c, int64_t N)
+  __device__ BlockTile(const Chunks& c, int64_t N, int64_t tile)
       : task(blockIdx.x), b(task / c.count), n0((task % c.count) * c.size),
-        n1(n0 + c.size < N ? n0 + c.size : N), d0(static_cast<int64_t>(blockIdx.y) * kDTile),
-        warp(threadIdx.x / 32), lane(threadIdx.x % 32) {}
+        n1(n0 + c.size < N ? n0 + c.size : N), d0(tile * kDTile), warp(threadIdx.x / 32),
+        lane(threadIdx.x % 32) {}
   __device__ int64_t feature(int v) const { return d0 + lane + 32 * v; }
 };
+
+// The feature tiles of D, kDTile each: one per blockIdx.y where the grid allows (gridDim.y is
+// capped at kMaxGridY, D is not), else each block loops over its share. The loop is block-uniform,
+// so body may synchronise.
+__host__ __device__ inline int64_t feature_tiles(int64_t D) { return (D + kDTile - 1) / kDTile; }
+template <typename Body>
+__device__ __forceinline__ void for_each_tile(const Chunks& c, int64_t N, int64_t D,
+                                              const Body& body) {
+  for (int64_t t = blockIdx.y; t < feature_tiles(D); t += gridDim.y) body(BlockTile(c, N, t));
+}
 
 // The block's per-warp partials acc[V] (lane's features) and per-warp scalars summed over the
 // warps in warp order: part[task, d] for the tile's features, scalar_part[task] if given.
@@ -95,6 +107,7 @@ __device__ void combine_warps(const BlockTile& bt, const acc_t (&acc)[V], acc_t 
                               int64_t D, acc_t* part, acc_t* scalar_part) {
   __shared__ acc_t part_s[kWarps][kDTile];
   __shared__ acc_t red[kWarps];
+  __syncthreads();  // the block's previous feature tile may still be reading part_s and red
 #pragma unroll
   for (int v = 0; v < V; ++v) part_s[bt.warp][bt.lane + 32 * v] = acc[v];
   if (bt.lane == 0) red[bt.warp] = scalar;
@@ -105,7 +118,7 @@ __device__ void combine_warps(const BlockTile& bt, const acc_t (&acc)[V], acc_t 
     for (int w = 0; w < kWarps; ++w) s += part_s[w][i];
     part[bt.task * D + bt.d0 + i] = s;
   }
-  if (scalar_part != nullptr && blockIdx.y == 0 && threadIdx.x == 0) {
+  if (scalar_part != nullptr && bt.d0 == 0 && threadIdx.x == 0) {
     acc_t s = 0;
     for (int w = 0; w < kWarps; ++w) s += red[w];
     scalar_part[bt.task] = s;
@@ -132,34 +145,35 @@ template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     additive_attention_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const BlockTile bt(a.c, a.N);
-  const acc_t scale = acc_t(1) / sqrt_acc(static_cast<acc_t>(a.D));  // token_dim ** -0.5
-  acc_t gacc[V] = {};
-  acc_t ss_a = 0;
-  for (int64_t n = bt.n0 + bt.warp; n < bt.n1; n += kWarps) {
-    const scalar_t* x = a.q.row(bt.b, n);
-    acc_t ss = 0, xw = 0;
-    for (int64_t d = bt.lane; d < a.D; d += 32) {
-      const acc_t xv = ld(x + d);
-      ss += xv * xv;
-      xw += xv * ld(a.w + d * a.w_s);
-    }
-    const acc_t inv = acc_t(1) / clamp_eps(sqrt_acc(group_sum(ss, 32)));
-    const acc_t av = group_sum(xw, 32) * inv * scale;
-    // softmax over a size-1 axis is exp(a - a): 1, or NaN where a is not finite.
-    const acc_t weight = a.softmax ? exp_acc(av - av) : av;
-    ss_a += av * av;
-    scalar_t* y = a.qn_or_dq.row(bt.b, n);
+  for_each_tile(a.c, a.N, a.D, [&](const BlockTile& bt) {
+    const acc_t scale = acc_t(1) / sqrt_acc(static_cast<acc_t>(a.D));  // token_dim ** -0.5
+    acc_t gacc[V] = {};
+    acc_t ss_a = 0;
+    for (int64_t n = bt.n0 + bt.warp; n < bt.n1; n += kWarps) {
+      const scalar_t* x = a.q.row(bt.b, n);
+      acc_t ss = 0, xw = 0;
+      for (int64_t d = bt.lane; d < a.D; d += 32) {
+        const acc_t xv = ld(x + d);
+        ss += xv * xv;
+        xw += xv * ld(a.w + d * a.w_s);
+      }
+      const acc_t inv = acc_t(1) / clamp_eps(sqrt_acc(group_sum(ss, 32)));
+      const acc_t av = group_sum(xw, 32) * inv * scale;
+      // softmax over a size-1 axis is exp(a - a): 1, or NaN where a is not finite.
+      const acc_t weight = a.softmax ? exp_acc(av - av) : av;
+      ss_a += av * av;
+      scalar_t* y = a.qn_or_dq.row(bt.b, n);
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int64_t d = bt.feature(v);
-      if (d >= a.D) continue;
-      const acc_t qn = ld(x + d) * inv;
-      y[d] = static_cast<scalar_t>(qn);
-      gacc[v] += weight * qn;
+      for (int v = 0; v < V; ++v) {
+        const int64_t d = bt.feature(v);
+        if (d >= a.D) continue;
+        const acc_t qn = ld(x + d) * inv;
+        y[d] = static_cast<scalar_t>(qn);
+        gacc[v] += weight * qn;
+      }
     }
-  }
-  combine_warps(bt, gacc, ss_a, a.D, a.part, a.scalar_part);
+    combine_warps(bt, gacc, ss_a, a.D, a.part, a.scalar_part);
+  });
 }
 
 // Per batch: ||a|| and G = (the chunks' partials, summed in chunk order) / max(||a||, eps).
@@ -186,22 +200,23 @@ template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     additive_attention_forward_out_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const BlockTile bt(a.c, a.N);
-  acc_t gv[V];
+  for_each_tile(a.c, a.N, a.D, [&](const BlockTile& bt) {
+    acc_t gv[V];
 #pragma unroll
-  for (int v = 0; v < V; ++v) gv[v] = bt.feature(v) < a.D ? a.g[bt.b * a.D + bt.feature(v)] : 0;
-  for (int64_t n = bt.n0 + bt.warp; n < bt.n1; n += kWarps) {
-    const scalar_t* x = a.k.row(bt.b, n);
-    acc_t ss = 0;
-    for (int64_t d = bt.lane; d < a.D; d += 32) ss += ld(x + d) * ld(x + d);
-    const acc_t inv = acc_t(1) / clamp_eps(sqrt_acc(group_sum(ss, 32)));
-    scalar_t* y = a.out_or_dk.row(bt.b, n);
+    for (int v = 0; v < V; ++v) gv[v] = bt.feature(v) < a.D ? a.g[bt.b * a.D + bt.feature(v)] : 0;
+    for (int64_t n = bt.n0 + bt.warp; n < bt.n1; n += kWarps) {
+      const scalar_t* x = a.k.row(bt.b, n);
+      acc_t ss = 0;
+      for (int64_t d = bt.lane; d < a.D; d += 32) ss += ld(x + d) * ld(x + d);
+      const acc_t inv = acc_t(1) / clamp_eps(sqrt_acc(group_sum(ss, 32)));
+      scalar_t* y = a.out_or_dk.row(bt.b, n);
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int64_t d = bt.feature(v);
-      if (d < a.D) y[d] = static_cast<scalar_t>(ld(x + d) * inv * gv[v]);
+      for (int v = 0; v < V; ++v) {
+        const int64_t d = bt.feature(v);
+        if (d < a.D) y[d] = static_cast<scalar_t>(ld(x + d) * inv * gv[v]);
+      }
     }
-  }
+  });
 }
 
 // (grad_out, k) pass: dkn = grad_out * G -> dk, and the chunk's partial dG = sum_n grad_out kn.
@@ -209,30 +224,31 @@ template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     additive_attention_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const BlockTile bt(a.c, a.N);
-  const acc_t* G = a.g + bt.b * a.D;
-  acc_t dgacc[V] = {};
-  for (int64_t n = bt.n0 + bt.warp; n < bt.n1; n += kWarps) {
-    const scalar_t *x = a.k.row(bt.b, n), *go = a.grad_out.row(bt.b, n);
-    acc_t ss = 0, t = 0;  // ||k||^2 and k . dkn
-    for (int64_t d = bt.lane; d < a.D; d += 32) {
-      const acc_t xv = ld(x + d);
-      ss += xv * xv;
-      t += xv * ld(go + d) * G[d];
-    }
-    const acc_t norm = sqrt_acc(group_sum(ss, 32)), inv = acc_t(1) / clamp_eps(norm);
-    t = group_sum(t, 32);
-    scalar_t* y = a.out_or_dk.row(bt.b, n);
+  for_each_tile(a.c, a.N, a.D, [&](const BlockTile& bt) {
+    const acc_t* G = a.g + bt.b * a.D;
+    acc_t dgacc[V] = {};
+    for (int64_t n = bt.n0 + bt.warp; n < bt.n1; n += kWarps) {
+      const scalar_t *x = a.k.row(bt.b, n), *go = a.grad_out.row(bt.b, n);
+      acc_t ss = 0, t = 0;  // ||k||^2 and k . dkn
+      for (int64_t d = bt.lane; d < a.D; d += 32) {
+        const acc_t xv = ld(x + d);
+        ss += xv * xv;
+        t += xv * ld(go + d) * G[d];
+      }
+      const acc_t norm = sqrt_acc(group_sum(ss, 32)), inv = acc_t(1) / clamp_eps(norm);
+      t = group_sum(t, 32);
+      scalar_t* y = a.out_or_dk.row(bt.b, n);
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int64_t d = bt.feature(v);
-      if (d >= a.D) continue;
-      const acc_t xv = ld(x + d), gov = ld(go + d);
-      y[d] = static_cast<scalar_t>(normalize_backward(gov * G[d], xv, norm, inv, t));
-      dgacc[v] += gov * xv * inv;
+      for (int v = 0; v < V; ++v) {
+        const int64_t d = bt.feature(v);
+        if (d >= a.D) continue;
+        const acc_t xv = ld(x + d), gov = ld(go + d);
+        y[d] = static_cast<scalar_t>(normalize_backward(gov * G[d], xv, norm, inv, t));
+        dgacc[v] += gov * xv * inv;
+      }
     }
-  }
-  combine_warps(bt, dgacc, acc_t(0), a.D, a.part, static_cast<acc_t*>(nullptr));
+    combine_warps(bt, dgacc, acc_t(0), a.D, a.part, static_cast<acc_t*>(nullptr));
+  });
 }
 
 // Per batch: dG = the chunks' partials summed in chunk order, and dG . G (= sum alpha dalpha).
@@ -265,48 +281,51 @@ template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     additive_attention_backward_dq_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  const BlockTile bt(a.c, a.N);
-  const acc_t scale = acc_t(1) / sqrt_acc(static_cast<acc_t>(a.D));
-  const acc_t* dG = a.dg + bt.b * a.D;
-  const acc_t ra = a.a_norm[bt.b], ra_c = clamp_eps(ra), dgg = a.dgg[bt.b];
-  acc_t dwacc[V] = {};
-  for (int64_t n = bt.n0 + bt.warp; n < bt.n1; n += kWarps) {
-    const scalar_t *x = a.q.row(bt.b, n), *gq = a.grad_qn.row(bt.b, n);
-    acc_t ss = 0, xw = 0, xdg = 0;
-    for (int64_t d = bt.lane; d < a.D; d += 32) {
-      const acc_t xv = ld(x + d);
-      ss += xv * xv;
-      xw += xv * ld(a.w + d * a.w_s);
-      xdg += xv * dG[d];
-    }
-    const acc_t norm = sqrt_acc(group_sum(ss, 32)), inv = acc_t(1) / clamp_eps(norm);
-    const acc_t av = group_sum(xw, 32) * inv * scale, dalpha = group_sum(xdg, 32) * inv;
-    acc_t alpha, da;
-    if (a.softmax) {  // softmax's backward on a size-1 axis: 0 for every finite weight
-      alpha = exp_acc(av - av);
-      da = alpha * (dalpha - alpha * dalpha);
-    } else {
-      alpha = av / ra_c;
-      // Clamped only where ||a|| < eps: a NaN ||a|| takes the full branch, NaN.
-      da = ra < acc_t(kAdditiveEps) ? dalpha / acc_t(kAdditiveEps)
-                                    : (dalpha - alpha * dgg) / ra_c;
-    }
-    const acc_t das = da * scale;
-    const auto dqn = [&](int64_t d) { return ld(gq + d) + alpha * dG[d] + das * ld(a.w + d * a.w_s); };
-    acc_t t = 0;  // q . dqn
-    for (int64_t d = bt.lane; d < a.D; d += 32) t += ld(x + d) * dqn(d);
-    t = group_sum(t, 32);
-    scalar_t* y = a.qn_or_dq.row(bt.b, n);
+  for_each_tile(a.c, a.N, a.D, [&](const BlockTile& bt) {
+    const acc_t scale = acc_t(1) / sqrt_acc(static_cast<acc_t>(a.D));
+    const acc_t* dG = a.dg + bt.b * a.D;
+    const acc_t ra = a.a_norm[bt.b], ra_c = clamp_eps(ra), dgg = a.dgg[bt.b];
+    acc_t dwacc[V] = {};
+    for (int64_t n = bt.n0 + bt.warp; n < bt.n1; n += kWarps) {
+      const scalar_t *x = a.q.row(bt.b, n), *gq = a.grad_qn.row(bt.b, n);
+      acc_t ss = 0, xw = 0, xdg = 0;
+      for (int64_t d = bt.lane; d < a.D; d += 32) {
+        const acc_t xv = ld(x + d);
+        ss += xv * xv;
+        xw += xv * ld(a.w + d * a.w_s);
+        xdg += xv * dG[d];
+      }
+      const acc_t norm = sqrt_acc(group_sum(ss, 32)), inv = acc_t(1) / clamp_eps(norm);
+      const acc_t av = group_sum(xw, 32) * inv * scale, dalpha = group_sum(xdg, 32) * inv;
+      acc_t alpha, da;
+      if (a.softmax) {  // softmax's backward on a size-1 axis: 0 for every finite weight
+        alpha = exp_acc(av - av);
+        da = alpha * (dalpha - alpha * dalpha);
+      } else {
+        alpha = av / ra_c;
+        // Clamped only where ||a|| < eps: a NaN ||a|| takes the full branch, NaN.
+        da = ra < acc_t(kAdditiveEps) ? dalpha / acc_t(kAdditiveEps)
+                                      : (dalpha - alpha * dgg) / ra_c;
+      }
+      const acc_t das = da * scale;
+      const auto dqn = [&](int64_t d) {
+        return ld(gq + d) + alpha * dG[d] + das * ld(a.w + d * a.w_s);
+      };
+      acc_t t = 0;  // q . dqn
+      for (int64_t d = bt.lane; d < a.D; d += 32) t += ld(x + d) * dqn(d);
+      t = group_sum(t, 32);
+      scalar_t* y = a.qn_or_dq.row(bt.b, n);
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int64_t d = bt.feature(v);
-      if (d >= a.D) continue;
-      const acc_t xv = ld(x + d);
-      y[d] = static_cast<scalar_t>(normalize_backward(dqn(d), xv, norm, inv, t));
-      dwacc[v] += das * inv * xv;
+      for (int v = 0; v < V; ++v) {
+        const int64_t d = bt.feature(v);
+        if (d >= a.D) continue;
+        const acc_t xv = ld(x + d);
+        y[d] = static_cast<scalar_t>(normalize_backward(dqn(d), xv, norm, inv, t));
+        dwacc[v] += das * inv * xv;
+      }
     }
-  }
-  combine_warps(bt, dwacc, acc_t(0), a.D, a.part, static_cast<acc_t*>(nullptr));
+    combine_warps(bt, dwacc, acc_t(0), a.D, a.part, static_cast<acc_t*>(nullptr));
+  });
 }
 
 // dw_g: every (b, chunk) partial, summed in task order; one thread per feature.
@@ -319,6 +338,13 @@ __global__ void __launch_bounds__(kThreads)
   at::opmath_type<scalar_t> s = 0;
   for (int64_t t = 0; t < tasks; ++t) s += part[t * D + d];
   dw[d] = static_cast<scalar_t>(s);  // dw: contiguous [D, 1]
+}
+
+// (b, chunk) blocks along x (2^31 - 1 at most), feature tiles along y (65535 at most: for_each_tile
+// loops over the rest).
+dim3 grid_of(int64_t tasks, int64_t D) {
+  return dim3(grid_size(tasks, kOp),
+              static_cast<unsigned>(std::min<int64_t>(feature_tiles(D), kMaxGridY)));
 }
 
 // Calls f(std::integral_constant<int, V>) with V = features per lane of a block's tile.
@@ -365,7 +391,7 @@ void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   a.qn_or_dq = rows_of<scalar_t>(qn);
   a.out_or_dk = rows_of<scalar_t>(out);
   a.g = g.const_data_ptr<acc_t>();
-  const dim3 grid(grid_size(tasks, kOp), static_cast<unsigned>((a.D + kDTile - 1) / kDTile));
+  const dim3 grid = grid_of(tasks, a.D);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_values_per_lane(a.D, [&](auto v) {
     additive_attention_forward_kernel<scalar_t, decltype(v)::value><<<grid, kThreads, 0, stream>>>(a);
@@ -401,7 +427,7 @@ void launch_backward(const at::Tensor& go, const at::Tensor& gq, const at::Tenso
   a.a_norm = a_norm.const_data_ptr<acc_t>();
   a.dg = dg;
   a.dgg = dgg;
-  const dim3 grid(grid_size(tasks, kOp), static_cast<unsigned>((a.D + kDTile - 1) / kDTile));
+  const dim3 grid = grid_of(tasks, a.D);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_values_per_lane(a.D, [&](auto v) {
     additive_attention_backward_kernel<scalar_t, decltype(v)::value>
