@@ -6,6 +6,7 @@ are replayed and timed like the model.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,14 +68,14 @@ def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Mo
         config = transformers.MobileViTV2Config(width_multiplier=float(variant), num_labels=1000)
         hf_class = transformers.MobileViTV2ForImageClassification
         ours = {"fused": True, "fused-kernel": "kernel", "unfused": False}
-        factory = lambda **kw: zoo.mobilevitv2(float(variant), **kw)  # noqa: E731
+        factory = functools.partial(zoo.mobilevitv2, float(variant))
     else:
         depths, dims = SWIFTFORMER[variant]
         config = transformers.SwiftFormerConfig(depths=depths, embed_dims=dims, num_labels=1000)
         hf_class = transformers.SwiftFormerForImageClassification
         ours = {"fused": True, "unfused": False}  # no keys to leave out: no fused-kernel
         # transformers' SwiftFormer is the "softmax" variant; both move the same bytes.
-        factory = lambda **kw: getattr(zoo, f"swiftformer_{variant}")(variant="softmax", **kw)  # noqa: E731
+        factory = functools.partial(getattr(zoo, f"swiftformer_{variant}"), variant="softmax")
 
     def fused_hf(backend: str) -> nn.Module:
         model = _Logits(hf_class(config))

@@ -100,9 +100,12 @@ def select_shapes(patterns: list[str], batch: int, ops: Sequence[str] = OPS) -> 
                                  f"{op} out")
             if min(sizes) < 1:
                 raise ValueError(f"--shape {pattern!r}: every size of {layout} must be >= 1")
-            b, *rest = sizes
-            shape = (Shape("B{}-C{}-P{}-N{}".format(*sizes), *sizes) if op == "separable" else
-                     Shape("B{}-N{}-D{}".format(*sizes), b, rest[1], 1, rest[0], op))
+            if op == "separable":
+                b, c, p, n = sizes
+                shape = Shape(f"B{b}-C{c}-P{p}-N{n}", b, c, p, n)
+            else:
+                b, n, d = sizes
+                shape = Shape(f"B{b}-N{n}-D{d}", b, d, 1, n, op)
             chosen[shape.name] = shape
             continue
         hits = [s for s in known if fnmatch.fnmatchcase(s.name, pattern)]
