@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../additive_attention_checks.h"
+#include "row_ops.h"
 
 namespace mvit2 {
 namespace {
@@ -104,9 +105,6 @@ inline TokenChunks token_chunks(int64_t B, int64_t N) {
   return {std::max<int64_t>(1, (N + size - 1) / size), size};
 }
 
-// Rows per at::parallel_for chunk so that a chunk moves at least ~16K elements.
-inline int64_t row_grain(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, D)); }
-
 // w_g [D, 1] in the accumulation type, read with its stride (it is D values).
 template <typename scalar_t>
 std::vector<at::opmath_type<scalar_t>> load_w(const at::Tensor& w_g) {
@@ -180,7 +178,7 @@ void additive_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
     }
   });
 
-  at::parallel_for(0, B * N, row_grain(D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * N, task_grain(D), [&](int64_t begin, int64_t end) {
     AccRow<scalar_t> in(D), row(D);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / N, n = r % N;

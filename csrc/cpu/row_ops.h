@@ -28,16 +28,12 @@ struct VecIO {
   static constexpr int64_t W = Vec::size();
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  // One float vector rounded to W halves (convert_from_float would convert two for one). bf16
-  // on AVX512-BF16 is one instruction, which rounds like torch but flushes bf16 subnormals
-  // (|x| < 1.2e-38) to zero; elsewhere at::vec's rounding, torch's own.
+  // One float vector rounded to W halves (convert_from_float would convert two for one), with
+  // at::vec's round-to-nearest-even, as at::BFloat16 and the scalar tails round. Not AVX512-BF16's
+  // vcvtneps2bf16: it flushes bf16 subnormals to zero, so a native build would differ.
   static auto narrow(const Vec& x) {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-      return (__m256i)_mm512_cvtneps_pbh(x);
-#else
       return at::vec::cvtfp32_bf16(x);
-#endif
     } else {
       return at::vec::cvtfp32_fp16(x);
     }

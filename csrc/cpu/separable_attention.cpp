@@ -4,102 +4,20 @@
 #include "vec_isa.h"  // first: it configures at::vec
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <memory>
-#include <vector>
 
 #include "../checks.h"
+#include "row_ops.h"
 
 namespace mvit2 {
 namespace {
-
-template <typename scalar_t>
-struct VecIO {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
-
-  static Vec load(const scalar_t* p) {
-    if constexpr (kReduced) {
-      Vec out;
-      at::vec::load_to_float(p, out);  // Vec::size() halves -> one float vector
-      return out;
-    } else {
-      return Vec::loadu(p);
-    }
-  }
-  static void store(scalar_t* p, const Vec& x) {
-    if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(x, x).store(p, Vec::size());
-    } else {
-      x.store(p);
-    }
-  }
-  // A non-temporal store, for outputs too large to be read back from cache: it skips the read
-  // for ownership of the line, a third of the traffic of a plain store. p must be aligned to
-  // kStreamAlign; the caller fences (_mm_sfence) before other threads read the output.
-  static constexpr int64_t kStreamAlign = Vec::size() * sizeof(scalar_t);
-  static void store_stream(scalar_t* p, const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm512_stream_ps(p, x);
-    } else if constexpr (std::is_same_v<scalar_t, double>) {
-      _mm512_stream_pd(p, x);
-    } else {
-      const __m512i h = at::vec::convert_from_float<scalar_t>(x, x);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(h));
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm256_stream_ps(p, x);
-    } else if constexpr (std::is_same_v<scalar_t, double>) {
-      _mm256_stream_pd(p, x);
-    } else {
-      const __m256i h = at::vec::convert_from_float<scalar_t>(x, x);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
-    }
-#else
-    store(p, x);
-#endif
-  }
-  static void put(bool stream, scalar_t* p, const Vec& x) {
-    stream ? store_stream(p, x) : store(p, x);  // loop-invariant: the branch predicts perfectly
-  }
-};
-
-// Outputs above this size bypass the cache (store_stream): they cannot stay in a 2-core share of
-// the last-level cache until the next op reads them, and streaming saves the read for ownership.
-constexpr int64_t kStreamingStoreBytes = int64_t{8} << 20;
-
-inline bool aligned_to(const void* p, int64_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(bytes) == 0;
-}
-
-inline void fence_streaming_stores() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
-// torch.relu propagates NaN; std::max(x, 0) would not.
-template <typename acc_t>
-inline acc_t relu(acc_t x) {
-  return (x > acc_t(0) || std::isnan(x)) ? x : acc_t(0);
-}
 
 // Tasks are (batch, channel block); each walks its channels and, inside, the P rows, so that k, v
 // and y stream through memory in order (the P*N plane of a channel is contiguous). Enough tasks
@@ -114,50 +32,6 @@ inline ChannelBlocks channel_blocks(int64_t B, int64_t C) {
   const int64_t want = std::min(C, (kMinTasks + B - 1) / B);
   const int64_t size = (C + want - 1) / want;
   return {(C + size - 1) / size, size};
-}
-
-// Tasks per at::parallel_for chunk so that a chunk moves at least ~16K elements.
-inline int64_t task_grain(int64_t elements_per_task) {
-  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, elements_per_task));
-}
-
-template <typename scalar_t>
-using acc_vector = std::vector<at::opmath_type<scalar_t>>;
-
-template <typename acc_t, typename Vec>
-inline acc_t vec_sum(const Vec& x) {
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, x);
-}
-
-// s = softmax(q_row) in acc_t.
-template <typename scalar_t>
-void softmax_row(const scalar_t* q, int64_t N, at::opmath_type<scalar_t>* s) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  constexpr int64_t W = Vec::size();
-  const int64_t Nv = N - N % W;
-  Vec vmax(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t n = 0; n < Nv; n += W) vmax = at::vec::maximum(vmax, IO::load(q + n));
-  acc_t mx = at::vec::vec_reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (int64_t n = Nv; n < N; ++n) {
-    const acc_t x = static_cast<acc_t>(q[n]);
-    mx = (x > mx || std::isnan(x)) ? x : mx;
-  }
-  Vec vsum(acc_t(0));
-  for (int64_t n = 0; n < Nv; n += W) {
-    const Vec e = (IO::load(q + n) - Vec(mx)).exp();
-    e.store(s + n);
-    vsum = vsum + e;
-  }
-  acc_t sum = vec_sum<acc_t>(vsum);
-  for (int64_t n = Nv; n < N; ++n) {
-    s[n] = std::exp(static_cast<acc_t>(q[n]) - mx);
-    sum += s[n];
-  }
-  const acc_t inv = acc_t(1) / sum;
-  for (int64_t n = 0; n < N; ++n) s[n] *= inv;
 }
 
 // The P softmax rows of batch b, into s[P * N]; a thread recomputes them only when b changes
