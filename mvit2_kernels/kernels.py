@@ -5,7 +5,8 @@
 
 ``"cpu"`` and ``"cuda"`` are the same C++ op (schemas in ``csrc/ops.cpp``): the dispatcher sends
 it to the kernel of the tensors' device. The Triton ops are imported on first use, since that
-imports triton. The ``separable_layer_project_*`` ops exist on CPU only.
+imports triton. The ``separable_layer_project_*`` ops exist on CPU only. Every ``*_forward`` op is
+differentiable (``mvit2_kernels.autograd``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from . import backends
+from .autograd import register_autograd
 
 __all__ = ["OPS", "kernel"]
 
@@ -32,9 +34,10 @@ OPS = (
     "separable_layer_project_weight_backward",
     "separable_layer_project_input_backward",
 )
-CPP: dict[str, Callable] = (
-    {op: getattr(torch.ops.mvit2, op) for op in OPS} if backends.compiled() else {}
-)
+CPP: dict[str, Callable] = {}
+if backends.compiled():
+    CPP = {op: getattr(torch.ops.mvit2, op) for op in OPS}
+    register_autograd()  # torch.ops.mvit2.*_forward become differentiable
 
 
 def kernel(op: str, backend: str) -> Callable:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .autograd import NoDoubleBackward
+from .autograd import differentiable_once
 from .checks import acc_dtype, autocast_inputs, autocast_off, check_layer_inputs
 from .kernels import kernel
 from .reference import separable_layer_reference
@@ -88,9 +88,8 @@ class SeparableLayerFunction(torch.autograd.Function):
             grads = _layer_backward(grad_out.contiguous(), x, w_qkv, b_qkv, w_out, s, xbar,
                                     attn_ctx, v, y, ctx.backend)
         d_x, d_wqkv, d_bqkv, d_wout, d_bout = grads
-        if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
-            d_x, d_wqkv, d_wout = NoDoubleBackward.apply(
-                "separable_attention_layer", grad_out, x, w_qkv, w_out, d_x, d_wqkv, d_wout)
+        d_x, d_wqkv, d_wout = differentiable_once(
+            "separable_attention_layer", (grad_out, x, w_qkv, w_out), (d_x, d_wqkv, d_wout))
         d_bqkv = d_bqkv if ctx.has_bias[0] else None
         d_bout = d_bout if ctx.has_bias[1] else None
         return d_x, d_wqkv, d_bqkv, d_wout, d_bout, None

@@ -1,4 +1,4 @@
-"""The fused ops as differentiable functions: input checks, backend choice, autograd, fake kernels.
+"""The fused ops' public functions: input checks, autocast, backend choice; and fake kernels.
 
 Every backend implements the same two ops (schemas in ``csrc/ops.cpp``):
 
@@ -7,7 +7,8 @@ Every backend implements the same two ops (schemas in ``csrc/ops.cpp``):
 
 The C++ kernels are ``torch.ops.mvit2.*`` (CPU and CUDA dispatch keys); Triton's are
 ``torch.ops.mvit2.*_triton`` (``mvit2_kernels/triton``). Both carry fake kernels, so
-``torch.compile(fullgraph=True)`` and ``torch.export`` trace them.
+``torch.compile(fullgraph=True)`` and ``torch.export`` trace them, and autograd
+(``mvit2_kernels.autograd``), so every forward op is differentiable by itself.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .autograd import NoDoubleBackward
 from .checks import (
     acc_dtype,
     autocast_inputs,
@@ -51,27 +51,7 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto
     with autocast_off(q.device):
         if backend == "reference":
             return separable_attention_reference(q, k, v)
-        return SeparableAttentionFunction.apply(q, k, v, backend)
-
-
-class SeparableAttentionFunction(torch.autograd.Function):
-    """Autograd over one backend's forward/backward ops. Saves q, k, v (no copies) and ctx."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-        y, attn_ctx = kernel("separable_attention_forward", backend)(q, k, v)
-        ctx.save_for_backward(q, k, v, attn_ctx)
-        ctx.backend = backend
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        q, k, v, attn_ctx = ctx.saved_tensors
-        with autocast_off(q.device):
-            grads = kernel("separable_attention_backward", ctx.backend)(grad_y, q, k, v, attn_ctx)
-        if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
-            grads = NoDoubleBackward.apply("separable_attention", grad_y, q, k, v, *grads)
-        return *grads, None
+        return kernel("separable_attention_forward", backend)(q, k, v)[0]
 
 
 if backends.compiled():  # the schemas exist: give them fake kernels
@@ -124,34 +104,7 @@ def additive_attention(
     with autocast_off(q.device):
         if backend == "reference":
             return additive_attention_reference(q, k, w_g, variant)
-        return AdditiveAttentionFunction.apply(q, k, w_g, variant, backend)
-
-
-class AdditiveAttentionFunction(torch.autograd.Function):
-    """Autograd over one backend's additive-attention ops. Saves q, k, w_g (no copies), G and
-    ||a||; the per-token norms are recomputed from the rows the backward reads anyway."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, w_g: Tensor, variant: str, backend: str):
-        out, qn, g, a_norm = kernel("additive_attention_forward", backend)(q, k, w_g, variant)
-        ctx.save_for_backward(q, k, w_g, g, a_norm)
-        ctx.variant, ctx.backend = variant, backend
-        return out, qn
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor, grad_qn: Tensor):
-        q, k, w_g, g, a_norm = ctx.saved_tensors
-        with autocast_off(q.device):
-            grads = kernel("additive_attention_backward", ctx.backend)(
-                grad_out, grad_qn, q, k, w_g, g, a_norm, ctx.variant
-            )
-        if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
-            # NoDoubleBackward ties its outputs to its first four tensors; w_g rides along as a
-            # fifth so that it is a dependency too, and its pass-through view is dropped.
-            grads = NoDoubleBackward.apply(
-                "additive_attention", grad_out, grad_qn, q, k, w_g, *grads
-            )[1:]
-        return *grads, None, None
+        return kernel("additive_attention_forward", backend)(q, k, w_g, variant)[:2]
 
 
 if backends.compiled():  # the schemas exist: give them fake kernels

@@ -5,6 +5,7 @@ Importing this package imports triton and registers the ``torch.ops.mvit2.*_trit
 without triton still import ``mvit2_kernels``.
 """
 
+from ..autograd import register_autograd
 from .additive_attention import additive_attention_backward, additive_attention_forward
 from .separable_attention import separable_attention_backward, separable_attention_forward
 from .separable_layer import (
@@ -24,3 +25,5 @@ KERNELS = {
     "separable_layer_epilogue_forward": separable_layer_epilogue_forward,
     "separable_layer_epilogue_backward": separable_layer_epilogue_backward,
 }
+
+register_autograd("_triton")  # torch.ops.mvit2.*_forward_triton become differentiable
