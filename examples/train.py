@@ -71,9 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="library of --init; auto: .safetensors/.bin transformers, .pth timm, "
                    ".pt ml-cvnets")
     p.add_argument("--data-dir", help="folder of images, one subfolder per class (default: digits)")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -248,7 +248,8 @@ def plot(path: str, history: dict, title: str) -> None:
         acc.set_ylabel("validation accuracy (%)")
         acc.set_ylim(0, 100)
     ax.set_title(title)
-    fig.legend(loc="center right")
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,9 +3,10 @@ clear error, and the random number generators' state of every rank.
 
 A checkpoint is one ``torch.save`` file holding the model (unwrapped from DDP and
 ``torch.compile``), optimizer, scheduler, scaler, the position in training (epoch, step) and
-each rank's RNG state. It is written to a temporary file in the same folder, flushed to disk,
-then renamed over the previous one: a rename within one file system is atomic, so a run killed
-mid-save leaves the previous checkpoint whole.
+each rank's RNG state, as tensors and plain Python values: ``torch.load(weights_only=True)``
+reads it, and ``load_pretrained(path, source="mvit2")`` takes its model. It is written to a
+temporary file in the same folder, flushed to disk, then renamed over the previous one: a rename
+within one file system is atomic, so a run killed mid-save leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -54,11 +55,9 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointReadError(f"no checkpoint at {str(path)!r} (nothing to resume from; "
                                   "start without --resume)")
     try:
-        # weights_only=False: the file holds RNG states (numpy, Python) besides tensors. Only
-        # load checkpoints you wrote.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError) as e:
+            ValueError) as e:  # what torch.load raises on truncated or foreign files
         raise CheckpointReadError(f"checkpoint {str(path)!r} is unreadable (truncated or not "
                                   f"a torch.save file): {type(e).__name__}: {e}") from None
     missing = {"model", "optimizer", "epoch", "step", "args"} - set(state) if isinstance(
@@ -71,8 +70,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """The state of every generator a training step draws from, on this rank."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Tensors and plain Python values only, so that torch.load(weights_only=True) reads it.
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -81,7 +82,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 

@@ -156,12 +156,14 @@ def runs():
                 pytest.fail(f"the two training processes did not finish in {TIMEOUT_S} s")
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                  for r in range(WORLD)]
-    single, init = {}, {}
+    single, init, threads = {}, {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: a second thread only waits at OpenMP's barriers
     for name, fused in {(name, fused) for _, name, fused in CASES}:
         model = build(name, fused)
         init[name] = full_state(model)
         train(model)
         single[name, fused] = full_state(model)
+    torch.set_num_threads(threads)
     return ranks, single, init
 
 

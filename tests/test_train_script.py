@@ -23,6 +23,16 @@ import train_state  # noqa: E402
 TINY = ["--image-size", "32", "--no-progress", "--workers", "0"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs on one thread: tiny steps gain nothing from two, and on a busy machine
+    OpenMP's barriers wait for a descheduled second thread (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def folder(root: Path, per_class: int = 12) -> Path:
     """Two classes of 32×32 PNGs: bright squares (top left vs bottom right) on noise."""
     from PIL import Image
@@ -46,11 +56,11 @@ def test_resumed_run_reaches_the_parameters_of_an_uninterrupted_one(tmp_path):
     data = folder(tmp_path / "data")
     full = run(tmp_path / "a", data)
     assert full["step"] == 8  # 19 training images, batches of 4: 4 steps an epoch, 2 epochs
-    expected = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    expected = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
 
     assert run(tmp_path / "b", data, "--max-steps", "5")["step"] == 5  # stops mid-epoch 2
     assert run(tmp_path / "b", data, "--resume")["step"] == 8
-    got = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    got = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     for key in ("model", "optimizer"):
         a, r = expected[key], got[key]
         if key == "optimizer":
@@ -61,6 +71,20 @@ def test_resumed_run_reaches_the_parameters_of_an_uninterrupted_one(tmp_path):
             assert torch.equal(a[k], r[k]), f"{key} {k} differs after resuming"
     assert got["history"]["loss"] == expected["history"]["loss"]
     assert got["scheduler"] == expected["scheduler"]
+
+
+def test_init_starts_from_a_checkpoint_through_load_pretrained(tmp_path):
+    """--init reads local weights with load_pretrained (here train.py's own checkpoint, source
+    mvit2) and fine-tunes them with a new classifier."""
+    data = folder(tmp_path / "data")
+    run(tmp_path / "a", data, "--max-steps", "1")
+    start = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    assert run(tmp_path / "b", data, "--max-steps", "1", "--init",
+               str(tmp_path / "a" / "checkpoint.pt"), "--init-source", "mvit2")["step"] == 1
+    tuned = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert tuned.keys() == start.keys()
+    moved = [k for k in start if k.endswith("weight") and not torch.equal(start[k], tuned[k])]
+    assert moved, "the loaded weights were not trained"
 
 
 def test_a_kill_mid_save_leaves_the_previous_checkpoint_readable(tmp_path):
@@ -133,6 +157,6 @@ def test_torchrun_two_processes_train_and_the_loss_goes_down(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu (gloo)" in proc.stderr + proc.stdout
     assert "final: val accuracy" in proc.stderr + proc.stdout
-    losses = torch.load(out / "checkpoint.pt", weights_only=False)["history"]["loss"]
+    losses = torch.load(out / "checkpoint.pt", weights_only=True)["history"]["loss"]
     assert len(losses) == 12
     assert sum(losses[-3:]) < sum(losses[:3]), losses
