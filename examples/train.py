@@ -391,6 +391,8 @@ def train(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - started
     ips = timed_images / train_time if train_time else 0.0
     correct, total = evaluate(raw_model, val_set, args, rank, world, device, amp_dtype)
+    if not history["val_acc"] or history["val_acc"][-1][0] != step:  # stopped mid-epoch
+        history["val_acc"].append((step, correct / total))
     result = {"accuracy": correct / total, "correct": correct, "total": total, "step": step,
               "images_per_s": ips, "seconds": elapsed, "world": world,
               "losses": history["loss"]}
