@@ -10,6 +10,7 @@ Skipped without a CUDA device or when the extension was built without its CUDA k
 import pytest
 import torch
 from test_separable_attention import run
+from utils import assert_close, capture_and_replay, make_qkv
 
 from mvit2_kernels import separable_attention
 from mvit2_kernels.backends import compiled_cuda
@@ -27,9 +28,6 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-# Slack over PyTorch's own error, as a fraction of the largest reference value: about one unit in
-# the last place of the dtype (float32: accumulation order over thousands of terms).
-ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 # (B, C, P, N). N = 1, odd, beyond one panel (1000) and far beyond (4096); C = 1, 3, 256; B = 1
 # (many channel tiles per row), B = 0; docs/design.md §3 stages at 256² and 384² (N = 36: 8-byte
 # vectors in 16-bit dtypes); and B·P ≥ 512 with C = 200 (one tile of 25 channel slots per lane
@@ -56,27 +54,18 @@ def qkv_views(shape, dtype, offset=0, seed=0, requires_grad=False):
     """q, k, v as views of one qkv tensor [B, 1 + 2C, P, N] that starts `offset` elements into its
     storage (an offset that is not a multiple of the vector width forces narrower vectors), and
     the leaf the gradients flow to."""
-    B, C, P, N = shape
-    g = torch.Generator().manual_seed(seed)
-    buf = torch.randn(offset + B * (1 + 2 * C) * P * N, generator=g, dtype=torch.float64)
-    buf = buf.to("cuda", dtype).requires_grad_(requires_grad)
-    q, k, v = buf[offset:].view(B, 1 + 2 * C, P, N).split([1, C, C], dim=1)
-    return q, k, v, buf
+    q, k, v, (leaf,) = make_qkv(shape, dtype, "cuda", "views", requires_grad, seed, offset)
+    return q, k, v, leaf
 
 
 def assert_within_torch_error(name, out, ref_lowp, ref64, dtype):
     """out's largest error against float64 is at most twice that of the reference computed in
-    `dtype` (the error PyTorch itself makes), plus ATOL of the largest reference value."""
+    `dtype` (the error PyTorch itself makes), plus about one unit in the last place of the dtype
+    (float32: accumulation order over thousands of terms) of the largest reference value; and
+    every element written."""
     assert out.shape == ref64.shape, name
-    if out.numel() == 0:
-        return
     assert out.isfinite().all(), f"{name}: non-finite values (an unwritten element?)"
-    err = (out.double() - ref64).abs().max().item()
-    torch_err = (ref_lowp.double() - ref64).abs().max().item()
-    bound = 2 * torch_err + ATOL[dtype] * ref64.abs().max().item()
-    assert err <= bound, (
-        f"{name} in {dtype}: error {err:.3g} > {bound:.3g} (PyTorch's {torch_err:.3g})"
-    )
+    assert_close(out, ref_lowp, exact=ref64, slack="cuda", dtype=dtype, name=name, layout=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -170,26 +159,15 @@ def test_forward_and_backward_capture_in_a_cuda_graph():
     q, k, v = q.clone(), k.clone(), v.clone()  # static inputs the replays read
     grad_y = torch.randn_like(k)
 
-    def step():
+    def step(q, k, v):
         y, ctx = fwd(q, k, v)
         return (y, ctx, *bwd(grad_y, q, k, v, ctx))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture, as torch.cuda.graphs recommends
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    for seed in (3, 4):
-        new = qkv_views((2, 16, 4, 64), torch.bfloat16, seed=seed)[:3]
-        for static, value in zip((q, k, v), new, strict=True):
-            static.copy_(value)
-        graph.replay()
-        expected = step()
-        for a, b in zip(captured, expected, strict=True):
-            assert torch.equal(a, b)
+    other, new = (qkv_views((2, 16, 4, 64), torch.bfloat16, seed=seed)[:3] for seed in (4, 3))
+    captured = capture_and_replay(step, (q, k, v), other, new)
+    y_ref, ctx_ref = separable_attention_forward_reference(*new)
+    assert_close(captured[1], ctx_ref, table="rounded_once", name="ctx")
+    assert_close(captured[0], y_ref, table="rounded_once", name="y")
 
 
 def test_compiled_with_cuda_graphs_matches_eager():

@@ -5,6 +5,7 @@ and every gradient, on every backend; its errors name the argument."""
 import pytest
 import torch
 from conftest import BACKENDS, device_of
+from utils import layer_inputs
 
 from mvit2_kernels import separable_attention_layer
 from mvit2_kernels.reference import separable_layer_reference
@@ -19,21 +20,6 @@ SHAPES = [
     (2, 6, 1, 33, 3, 4),
     (1, 17, 4, 70, 17, 17),
 ]
-
-
-def layer_inputs(shape, dtype=torch.float64, device="cpu", bias=True, seed=0):
-    B, D, P, N, C, D_out = shape
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*size, scale=1.0):
-        return (torch.randn(size, generator=g, dtype=torch.float64) * scale).to(device, dtype)
-
-    x = randn(B, D, P, N)
-    w_qkv = randn(1 + 2 * C, D, 1, 1, scale=max(D, 1) ** -0.5)
-    w_out = randn(D_out, C, 1, 1, scale=max(C, 1) ** -0.5)
-    b_qkv = randn(1 + 2 * C, scale=0.5) if bias else None
-    b_out = randn(D_out, scale=0.5) if bias else None
-    return x, w_qkv, b_qkv, w_out, b_out
 
 
 def grads(fn, inputs, grad_out):

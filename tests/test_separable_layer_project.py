@@ -4,6 +4,7 @@ epilogue's backward), held against the plain-PyTorch composition in float64."""
 
 import pytest
 import torch
+from utils import acc_of, assert_close, tolerance
 
 from mvit2_kernels import backends
 from mvit2_kernels.reference import (
@@ -31,20 +32,6 @@ SHAPES = [
     (3, 8, 16, 24, 4, 16),
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-# Errors of the kernel (inputs rounded to dtype, float32 accumulation, output rounded to dtype)
-# against the float64 composition of the same rounded inputs.
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float32: dict(rtol=1e-4, atol=1e-5),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    torch.float16: dict(rtol=3e-3, atol=3e-3),
-}
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def project_inputs(shape, dtype, bias=True, seed=0):
     """x, w_v, b_v, ctx, w_out, b_out, grad_out, v: random, weights scaled so values stay O(1)."""
     B, D, C, D_out, P, N = shape
@@ -57,7 +44,7 @@ def project_inputs(shape, dtype, bias=True, seed=0):
     w_v, w_out = randn(C, D, scale=max(D, 1) ** -0.5), randn(D_out, C, scale=max(C, 1) ** -0.5)
     b_v = randn(C, scale=0.5) if bias else None
     b_out = randn(D_out, scale=0.5) if bias else None
-    ctx = randn(B, C, P, dt=_acc(dtype))
+    ctx = randn(B, C, P, dt=acc_of(dtype))
     return x, w_v, b_v, ctx, w_out, b_out, randn(B, D_out, P, N), randn(B, C, P, N)
 
 
@@ -82,8 +69,10 @@ def backward_reference(grad_out, v, ctx, w_out):
 
 
 def assert_matches(actual, expected, dtype):
-    assert actual.dtype == dtype and actual.shape == expected.shape and actual.is_contiguous()
-    torch.testing.assert_close(actual, expected.to(dtype), equal_nan=True, **TOL[dtype])
+    """Errors of the kernel (inputs rounded to dtype, float32 accumulation, output rounded to
+    dtype) against the float64 composition of the same rounded inputs."""
+    assert actual.dtype == dtype
+    assert_close(actual, expected.to(dtype), table="project", equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -108,9 +97,9 @@ def test_backward_matches_the_composition(shape, dtype, poison_empty):
     dv, dctx = _ops().separable_layer_project_backward(grad_out, v, ctx, w_out)
     ref_dv, ref_dctx = backward_reference(grad_out, v, ctx, w_out)
     assert_matches(dv, ref_dv, dtype)
-    assert dctx.dtype == _acc(dtype)
+    assert dctx.dtype == acc_of(dtype)
     # dctx sums N products of dtype-rounded inputs in float32: the float32 tolerance, over N.
-    tol = TOL[torch.float64 if dtype == torch.float64 else torch.float32]
+    tol = tolerance(acc_of(dtype), "project")
     torch.testing.assert_close(
         dctx.double(), ref_dctx, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10
     )

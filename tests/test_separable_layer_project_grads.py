@@ -4,6 +4,7 @@ held against float64 einsums of the same (rounded) inputs."""
 
 import pytest
 import torch
+from utils import acc_of, randn, sum_tolerance
 
 from mvit2_kernels import backends
 
@@ -29,15 +30,6 @@ def _ops():
     return torch.ops.mvit2
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def randn(*size, dtype, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(size, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
 def weight_reference(grad, input):
     return torch.einsum("bopn,bipn->oi", grad.double(), input.double())
 
@@ -46,25 +38,16 @@ def input_reference(dx, dv, w):
     return dx.double() + torch.einsum("ci,bcpn->bipn", w.double(), dv.double())
 
 
-def tolerance(dtype, terms, rounded=True):
-    """Float32 accumulation (float64 for float64) of ``terms`` products of the rounded inputs
-    (exact in float32 for bf16/fp16), plus the rounding of the result to dtype if ``rounded``."""
-    acc = 1e-15 if dtype == torch.float64 else 1e-6
-    eps = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 8e-3,
-           torch.float16: 1e-3}[dtype] if rounded else acc
-    return dict(rtol=max(eps, acc * terms ** 0.5) * 4, atol=acc * terms ** 0.5 * 10 + eps)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_weight_backward_sums_grad_times_input_over_every_column(shape, dtype, poison_empty):
     B, C, D, P, N = shape
     grad, input = randn(B, C, P, N, dtype=dtype), randn(B, D, P, N, dtype=dtype, seed=1)
     dw = _ops().separable_layer_project_weight_backward(grad, input)
-    assert dw.shape == (C, D) and dw.dtype == _acc(dtype) and dw.is_contiguous()
+    assert dw.shape == (C, D) and dw.dtype == acc_of(dtype) and dw.is_contiguous()
     # dW stays in the accumulation dtype: no rounding to dtype, whatever the inputs'.
     torch.testing.assert_close(dw.double(), weight_reference(grad, input),
-                               **tolerance(dtype, B * P * N, rounded=False))
+                               **sum_tolerance(dtype, B * P * N, rounded=False))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -76,7 +59,7 @@ def test_input_backward_adds_w_transpose_dv_in_place(shape, dtype, poison_empty)
     expected, storage = input_reference(dx, dv, w), dx.data_ptr()
     assert _ops().separable_layer_project_input_backward(dx, dv, w) is None
     assert dx.data_ptr() == storage and dx.dtype == dtype
-    torch.testing.assert_close(dx.double(), expected, **tolerance(dtype, C))
+    torch.testing.assert_close(dx.double(), expected, **sum_tolerance(dtype, C))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -87,13 +70,13 @@ def test_nonfinite_values_propagate_like_the_einsums(dtype):
     dw = _ops().separable_layer_project_weight_backward(grad, input)
     ref = weight_reference(grad, input)
     assert dw[3].isnan().all() and dw[:, 4].isnan().any()
-    torch.testing.assert_close(dw.double(), ref, equal_nan=True, **tolerance(dtype, B * P * N))
+    torch.testing.assert_close(dw.double(), ref, equal_nan=True, **sum_tolerance(dtype, B * P * N))
     w, dx = randn(C, D, dtype=dtype, seed=3), randn(B, D, P, N, dtype=dtype, seed=4)
     dx[1, 0, 0, 7] = -float("inf")
     expected = input_reference(dx, grad, w)
     _ops().separable_layer_project_input_backward(dx, grad, w)
     assert dx.isnan().any() and dx.isinf().any()
-    torch.testing.assert_close(dx.double(), expected, equal_nan=True, **tolerance(dtype, C))
+    torch.testing.assert_close(dx.double(), expected, equal_nan=True, **sum_tolerance(dtype, C))
 
 
 @pytest.mark.parametrize("empty", ["B", "C", "D", "P", "N"])
@@ -131,9 +114,9 @@ def test_results_do_not_depend_on_the_thread_count():
     # Several tiles per partial-sum slice: every tile counted once.
     dw, out = results[0]
     torch.testing.assert_close(dw.double(), weight_reference(grad, input),
-                               **tolerance(torch.float32, B * P * N))
+                               **sum_tolerance(torch.float32, B * P * N))
     torch.testing.assert_close(out.double(), input_reference(dx, grad, w),
-                               **tolerance(torch.float32, C))
+                               **sum_tolerance(torch.float32, C))
 
 
 def test_bad_inputs_raise_naming_the_argument():
