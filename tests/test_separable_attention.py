@@ -5,12 +5,15 @@ Parametrized over the backends usable here (conftest.BACKENDS); the reference is
 """
 
 import math
+import os
 
 import pytest
 import torch
 from conftest import BACKENDS, device_of
+from utils import assert_close, make_qkv, randn
 
 from mvit2_kernels import available_backends, separable_attention
+from mvit2_kernels.kernels import kernel
 from mvit2_kernels.reference import (
     separable_attention_backward_reference,
     separable_attention_forward_reference,
@@ -20,27 +23,15 @@ from mvit2_kernels.reference import (
 # (B, C, P, N): odd N, N = 1, C = 1, B = 1, N beyond one tile, N in the thousands, and B large
 # enough that the CPU kernel keeps all channels of a batch in one task.
 SHAPES = [(2, 3, 4, 37), (1, 1, 1, 1), (1, 8, 4, 1), (3, 5, 2, 130), (1, 2, 1, 3000), (64, 3, 2, 5)]
+# Triton's tiles (the interpreter's: 16 channels by 64 patches): N = 1; odd N; N one short of,
+# equal to and one past a tile; N over 3 tiles with C over 2 channel tiles; C = 1; C = 17 and 40
+# (channel tiles with a ragged last one).
+TILE_SHAPES = [(2, 3, 2, 1), (1, 5, 3, 37), (1, 4, 2, 63), (1, 1, 2, 64), (2, 17, 1, 65),
+               (1, 20, 2, 150), (1, 40, 1, 9)]
 EMPTY_SHAPES = [(0, 4, 4, 16), (2, 0, 4, 16), (2, 4, 0, 16), (2, 4, 4, 0)]
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def make_qkv(shape, dtype, device, layout="views", requires_grad=False, seed=0):
-    """q, k, v and the leaves they come from, in one of three layouts: ``views`` of one qkv
-    tensor (the module's case), ``separate`` contiguous tensors, ``transposed`` (N not the
-    unit-stride axis)."""
-    B, C, P, N = shape
-    g = torch.Generator().manual_seed(seed)
-    if layout == "transposed":
-        qkv = torch.randn(B, P, N, 1 + 2 * C, generator=g, dtype=torch.float64)
-        qkv = qkv.to(device, dtype).permute(0, 3, 1, 2).detach()
-    else:
-        qkv = torch.randn(B, 1 + 2 * C, P, N, generator=g, dtype=torch.float64).to(device, dtype)
-    qkv.requires_grad_(requires_grad)
-    q, k, v = qkv.split([1, C, C], dim=1)
-    if layout == "separate":
-        q, k, v = (t.detach().clone().requires_grad_(requires_grad) for t in (q, k, v))
-        return q, k, v, [q, k, v]
-    return q, k, v, [qkv]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["views", "separate", "transposed", "permuted", "strided_n"]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def run(q, k, v, leaves, backend, grad_y=None):
@@ -52,16 +43,30 @@ def run(q, k, v, leaves, backend, grad_y=None):
     return y, (None if grad_y is None else torch.autograd.grad(y, leaves, grad_y))
 
 
-def assert_matches_reference(out, ref_lowp, ref64):
-    """Low precision: the kernel's error against float64 at most that of the reference in the same
-    dtype (the error PyTorch itself makes), with slack. Otherwise the usual float tolerances."""
-    if out.dtype in LOW_PRECISION:
-        err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
-        ref_err = (ref_lowp.double() - ref64).abs().max().item() if out.numel() else 0.0
-        scale = ref64.abs().max().item() if out.numel() else 0.0
-        assert err <= 2 * ref_err + 1e-3 * scale + 1e-6, (err, ref_err)
-    else:
-        torch.testing.assert_close(out, ref_lowp.to(out.dtype))
+def ops(backend):
+    """The forward and backward ops of a backend, or the reference's contract functions."""
+    if backend == "reference":
+        return separable_attention_forward_reference, separable_attention_backward_reference
+    return (kernel("separable_attention_forward", backend),
+            kernel("separable_attention_backward", backend))
+
+
+def backend_and_reference(backend, q, k, v, grad_y):
+    """(y, dq, dk, dv) from the backend and from autograd through the reference, the latter in
+    float32 for fp16/bf16 inputs (the kernels' accumulation dtype)."""
+    y = separable_attention(q, k, v, backend=backend)
+    ours = (y, *torch.autograd.grad(y, (q, k, v), grad_y))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q32, k32, v32 = (t.detach().to(acc).requires_grad_() for t in (q, k, v))
+    y_ref = separable_attention_reference(q32, k32, v32)
+    ref = (y_ref, *torch.autograd.grad(y_ref, (q32, k32, v32), grad_y.to(acc)))
+    return ours, tuple(r.to(q.dtype) for r in ref)
+
+
+def leaf_qkv(shape, dtype, device, layout="views", seed=0):
+    """q, k, v as leaves of their own (views of one storage in the ``views`` layout)."""
+    q, k, v, _ = make_qkv(shape, dtype, device, layout, seed=seed)
+    return tuple(t.detach().requires_grad_() for t in (q, k, v))
 
 
 def test_available_backends_lists_reference_and_cpu():
@@ -80,7 +85,7 @@ def test_forward_and_backward_match_reference(backend, dtype, shape, layout):
         and device_of(backend) == "cpu"
         and (layout != "views" or dtype == torch.float16)
     ):
-        pytest.skip("interpreter: layouts and fp16 are covered in test_triton.py")
+        pytest.skip("interpreter: layouts and fp16 are covered on its tiles below")
     device = device_of(backend)
     q, k, v, leaves = make_qkv(shape, dtype, device, layout, requires_grad=True)
     grad_y = torch.randn(k.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
@@ -88,18 +93,39 @@ def test_forward_and_backward_match_reference(backend, dtype, shape, layout):
     y_ref, grads_ref = run(*make_qkv(shape, dtype, device, layout, True), None, grad_y)
     y64, grads64 = run(*make_qkv(shape, torch.float64, device, layout, True), None, grad_y.double())
     assert y.dtype == dtype and y.shape == k.shape and y.is_contiguous()
-    assert_matches_reference(y, y_ref, y64)
+    assert_close(y, y_ref, exact=y64, slack="separable", name="y", layout=False)
     for g, g_ref, g64 in zip(grads, grads_ref, grads64, strict=True):
         assert g.dtype == dtype
-        assert_matches_reference(g, g_ref, g64)
+        assert_close(g, g_ref, exact=g64, slack="separable", name="grad", layout=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 3, 2, 5), (1, 1, 1, 1), (1, 2, 1, 70)])
+def test_channels_past_the_tile_cap_match_reference(backend):
+    """C = 1100 in bf16: past the 1024 channels one tile holds; B = 128: many rows of many
+    channel tiles (one row under Triton's interpreter, where each tile is a program run alone)."""
+    shape = (1, 1100, 1, 8) if backend == "triton" and INTERPRETED else (128, 1100, 4, 8)
+    device = device_of(backend)
+    grad_y = randn(*shape, dtype=torch.bfloat16, device=device, seed=1)
+    y, grads = run(*make_qkv(shape, torch.bfloat16, device, "views", True), backend, grad_y)
+    y_ref, grads_ref = run(*make_qkv(shape, torch.bfloat16, device, "views", True), None, grad_y)
+    y64, grads64 = run(*make_qkv(shape, torch.float64, device, "views", True), None,
+                       grad_y.double())
+    assert_close(y, y_ref, exact=y64, slack="separable", name="y", layout=False)
+    assert_close(grads[0], grads_ref[0], exact=grads64[0], slack="separable", name="dqkv",
+                 layout=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 2, 5), (1, 1, 1, 1), (1, 2, 1, 70), (1, 2, 1, 5), (1, 18, 2, 70)]
+)
 def test_gradcheck_float64(backend, shape):
+    """The full Jacobian on small shapes; a random projection (fast mode) across Triton's channel
+    and N tiles, where the full one would take minutes in its interpreter."""
     q, k, v, _ = make_qkv(shape, torch.float64, device_of(backend), "separate", True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: separable_attention(q, k, v, backend=backend), (q, k, v)
+        lambda q, k, v: separable_attention(q, k, v, backend=backend), (q, k, v),
+        fast_mode=shape[1] > 2,
     )
 
 
@@ -123,11 +149,12 @@ def test_outputs_are_fully_written(backend, poison_empty):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_values_propagate_like_the_reference(backend):
+@pytest.mark.parametrize("N", [9, 64])  # 64: the values inside full vectors
+def test_non_finite_values_propagate_like_the_reference(N, backend):
     """Forward and backward give what autograd gives on the reference, NaN and inf included."""
 
     def inputs():
-        q, k, v = (t.clone() for t in make_qkv((1, 3, 4, 9), torch.float32, device_of(backend))[:3])
+        q, k, v, _ = make_qkv((1, 3, 4, N), torch.float32, device_of(backend), "separate")
         q[0, 0, 0, 4] = float("inf")  # row 0: softmax of +inf is NaN everywhere
         k[0, 1, 1, 2] = float("nan")  # row 1: one channel's context is NaN
         v[0, 2, 2, 5] = float("nan")  # relu(NaN) is NaN, and its gradient passes
@@ -135,7 +162,7 @@ def test_non_finite_values_propagate_like_the_reference(backend):
         k[0, 0, 3, 1] = float("inf")  # row 3: ctx = inf; where v <= 0, dv is 0, not 0 * inf
         return [t.requires_grad_() for t in (q, k, v)]
 
-    grad_y = torch.randn(1, 3, 4, 9, generator=torch.Generator().manual_seed(2)).to(
+    grad_y = torch.randn(1, 3, 4, N, generator=torch.Generator().manual_seed(2)).to(
         device_of(backend)
     )
     y, grads = run(*(qkv := inputs()), qkv, backend, grad_y)
@@ -174,17 +201,6 @@ def one_non_finite(where, value, device, shape=(1, 18, 2, 70)):
     return tensors
 
 
-def _contract(backend):
-    """The forward and backward ops of a backend, or the reference's contract functions."""
-    if backend == "reference":
-        return separable_attention_forward_reference, separable_attention_backward_reference
-    if backend == "triton":
-        from mvit2_kernels.triton import separable_attention as module
-
-        return module.separable_attention_forward, module.separable_attention_backward
-    return torch.ops.mvit2.separable_attention_forward, torch.ops.mvit2.separable_attention_backward
-
-
 @pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
 @pytest.mark.parametrize(("where", "value"), list(_non_finite_cases()))
 def test_one_non_finite_element_gives_autograds_nan_pattern(backend, where, value):
@@ -196,7 +212,7 @@ def test_one_non_finite_element_gives_autograds_nan_pattern(backend, where, valu
     y = separable_attention_reference(q, k, v)
     expected = (y, *torch.autograd.grad(y, (q, k, v), t["grad_y"]))
     q, k, v = (x.detach() for x in (q, k, v))
-    fwd, bwd = _contract(backend)
+    fwd, bwd = ops(backend)
     y, ctx = fwd(q, k, v)
     got = (y, *bwd(t["grad_y"], q, k, v, ctx))
     for name, a, b in zip(("y", "dq", "dk", "dv"), got, expected, strict=True):
@@ -209,10 +225,14 @@ def test_one_non_finite_element_gives_autograds_nan_pattern(backend, where, valu
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_is_deterministic(backend):
-    q, k, v, leaves = make_qkv((1, 64, 2, 300), torch.float32, device_of(backend), "views", True)
+    """Two runs agree bit for bit: many channel tiles (under Triton's interpreter 3, of 16)
+    whose partial ds are summed in a fixed order."""
+    shape = (1, 40, 2, 130) if backend == "triton" and INTERPRETED else (1, 64, 2, 300)
+    q, k, v, leaves = make_qkv(shape, torch.float32, device_of(backend), "views", True)
     grad_y = torch.randn(k.shape, device=k.device)
-    grads = [run(q, k, v, leaves, backend, grad_y)[1][0] for _ in range(2)]
-    assert torch.equal(grads[0], grads[1])
+    first, second = ((y, *grads) for y, grads in (run(q, k, v, leaves, backend, grad_y)
+                                                  for _ in range(2)))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 def test_cpu_results_do_not_depend_on_the_thread_count():
@@ -249,6 +269,156 @@ def test_cpu_outputs_beyond_the_cache_match_the_reference(dtype, N):
     y64, grads64 = run(*make_qkv(shape, torch.float64, "cpu", "views", True), None, grad_y.double())
     y_ref, grads_ref = run(*make_qkv(shape, dtype, "cpu", "views", True), None, grad_y)
     assert y.nbytes >= 8 << 20
-    assert_matches_reference(y, y_ref, y64)
+    assert_close(y, y_ref, exact=y64, slack="separable", name="y", layout=False)
     for g, g_ref, g64 in zip(grads, grads_ref, grads64, strict=True):
-        assert_matches_reference(g, g_ref, g64)
+        assert_close(g, g_ref, exact=g64, slack="separable", name="grad", layout=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TILE_SHAPES)
+def test_rounds_once_from_the_float32_reference(shape, dtype, backend, poison_empty):
+    """y, dq, dk, dv within one unit in the last place of the float32 reference rounded to
+    fp16/bf16 (the kernels accumulate in float32 and round once), on and across the tile edges.
+    Under poison_empty, an output or workspace element the kernels forgot is NaN and fails."""
+    device = device_of(backend)
+    q, k, v = leaf_qkv(shape, dtype, device)
+    grad_y = randn(*shape, dtype=dtype, device=device, seed=1)
+    ours, ref = backend_and_reference(backend, q, k, v, grad_y)
+    for name, a, r in zip(("y", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert_close(a, r, table="rounded_once", name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_inputs_match_the_reference(layout, backend, poison_empty):
+    """Every layout the kernels read, with grad_y strided too (channels last)."""
+    device = device_of(backend)
+    q, k, v = leaf_qkv((2, 17, 3, 65), torch.float32, device, layout)
+    grad_y = randn(*k.shape, device=device).transpose(1, 2).contiguous().transpose(1, 2)
+    ours, ref = backend_and_reference(backend, q, k, v, grad_y)
+    for name, a, r in zip(("y", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert_close(a, r, table="rounded_once", name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_ops_keep_the_reference_contract(backend):
+    """(y, ctx) and (dq, dk, dv) as the reference ops give them, ctx in float32 for bf16."""
+    q, k, v = (t.detach() for t in leaf_qkv((1, 20, 2, 70), torch.bfloat16, device_of(backend)))
+    fwd, bwd = ops(backend)
+    y, ctx = fwd(q, k, v)
+    y_ref, ctx_ref = separable_attention_forward_reference(q, k, v)
+    assert ctx.dtype == torch.float32 and ctx.shape == (1, 20, 2, 1) and ctx.is_contiguous()
+    assert_close(ctx, ctx_ref, name="ctx")
+    assert_close(y, y_ref, table="rounded_once", name="y")
+    grad_y = randn(*y.shape, dtype=y.dtype, device=y.device, seed=2)
+    grads = bwd(grad_y, q, k, v, ctx)
+    grads_ref = separable_attention_backward_reference(grad_y, q, k, v, ctx_ref)
+    for name, a, r in zip(("dq", "dk", "dv"), grads, grads_ref, strict=True):
+        assert_close(a, r, table="rounded_once", name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, 2, 5), (2, 3, 0, 5), (2, 3, 2, 0), (2, 0, 2, 5)])
+def test_the_ops_give_the_reference_results_on_empty_inputs(shape, backend, poison_empty):
+    """N = 0: ctx is an empty sum, 0; C = 0: dq = s * 0; the rest is empty."""
+    q, k, v = (t.detach() for t in leaf_qkv(shape, torch.float32, device_of(backend), "separate"))
+    fwd, bwd = ops(backend)
+    y, ctx = fwd(q, k, v)
+    y_ref, ctx_ref = separable_attention_forward_reference(q, k, v)
+    assert_close(y, y_ref, name="y")
+    assert_close(ctx, ctx_ref, name="ctx")
+    grads = bwd(torch.ones_like(y), q, k, v, ctx)
+    grads_ref = separable_attention_backward_reference(torch.ones_like(y), q, k, v, ctx_ref)
+    for name, a, r in zip(("dq", "dk", "dv"), grads, grads_ref, strict=True):
+        assert_close(a, r, name=name)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on NaN
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_forward_op_propagates_non_finite_values_across_tiles(backend):
+    q, k, v = (t.detach().clone() for t in leaf_qkv((1, 3, 3, 130), torch.float32,
+                                                      device_of(backend), "separate"))
+    q[0, 0, 0, :64] = float("-inf")  # row 0: a whole tile of -inf before finite ones
+    q[0, 0, 1, 100] = float("nan")  # row 1: NaN in the last tile poisons the whole softmax
+    k[0, 1, 2, 70] = float("inf")  # row 2: one channel's context is inf
+    v[0, 2, 2, 5] = float("nan")  # relu(NaN) is NaN
+    v[0, 0, 2, 6] = float("-inf")
+    y, ctx = ops(backend)[0](q, k, v)
+    y_ref, ctx_ref = separable_attention_forward_reference(q, k, v)
+    assert_close(ctx, ctx_ref, equal_nan=True, name="ctx")
+    assert_close(y, y_ref, equal_nan=True, name="y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_forward_and_backward(dtype, backend):
+    """The registered ops (``torch.ops.mvit2.*``, ``*_triton`` for Triton)."""
+    q, k, v = (t.detach() for t in leaf_qkv((2, 17, 2, 65), dtype, device_of(backend)))
+    suffix = "_triton" if backend == "triton" else ""
+    fwd = getattr(torch.ops.mvit2, "separable_attention_forward" + suffix)
+    bwd = getattr(torch.ops.mvit2, "separable_attention_backward" + suffix)
+    y, ctx = fwd(q, k, v)
+    torch.library.opcheck(fwd, (q, k, v))
+    torch.library.opcheck(bwd, (torch.randn_like(y), q, k, v, ctx))
+
+
+# Triton's own errors, message by message (test_bad_inputs.py has the public API's on every
+# backend; the C++ ops print dtypes in ATen's spelling).
+TRITON = [b for b in BACKENDS if b == "triton"]
+
+
+def _qkv(B=2, C=3, P=4, N=5, dtype=torch.float32):
+    return tuple(make_qkv((B, C, P, N), dtype, device_of("triton"), "separate")[:3])
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (lambda: (_qkv()[0][0], *_qkv()[1:]), ValueError, r"q must be a 4-D tensor"),
+        (lambda: (*_qkv()[:2], _qkv(N=6)[2]), ValueError, r"v must have shape .* \[2, 3, 4, 6\]"),
+        (lambda: (_qkv(C=2)[1], *_qkv()[1:]), ValueError, r"q must have shape \[B, 1, P, N\]"),
+        (lambda: (*_qkv()[:2], _qkv(dtype=torch.float64)[2]), TypeError, "v has dtype"),
+        (lambda: tuple(t.int() for t in _qkv()), TypeError, "q must be float16, bfloat16"),
+    ],
+)
+@pytest.mark.parametrize("backend", TRITON)
+def test_the_triton_forward_op_checks_its_arguments(args, error, match, backend):
+    with pytest.raises(error, match=match):
+        torch.ops.mvit2.separable_attention_forward_triton(*args())
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda g, ctx: (g[:, :2], ctx), ValueError, r"grad_y must have shape \[2, 3, 4, 5\]"),
+        (lambda g, ctx: (g.double(), ctx), TypeError, "grad_y must have dtype torch.float32"),
+        (lambda g, ctx: (g, ctx.expand(2, 3, 4, 5)), ValueError, r"ctx must have shape"),
+        (lambda g, ctx: (g, ctx.double()), TypeError, "ctx must have dtype torch.float32"),
+    ],
+)
+@pytest.mark.parametrize("backend", TRITON)
+def test_the_triton_backward_op_checks_grad_y_and_ctx(change, error, match, backend):
+    q, k, v = _qkv()
+    y, ctx = ops(backend)[0](q, k, v)
+    g, ctx = change(torch.ones_like(y), ctx)
+    with pytest.raises(error, match=match):
+        torch.ops.mvit2.separable_attention_backward_triton(g, q, k, v, ctx)
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2**31 elements need a GPU")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if device_of(b) == "cuda"])
+def test_more_than_2_to_the_31_elements(backend):
+    """64-bit offsets: channels past element 2**31 read and write the right memory. Channels
+    are independent, so the last two are checked against the reference on their own."""
+    P, N = 4, 1024
+    C = 2**31 // (P * N) + 3
+    q = torch.randn(1, 1, P, N, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, C, P, N, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, C, P, N, device="cuda", dtype=torch.float16)
+    y, ctx = ops(backend)[0](q, k, v)
+    y_ref, ctx_ref = separable_attention_forward_reference(q, k[:, -2:], v[:, -2:])
+    assert_close(ctx[:, -2:], ctx_ref, name="ctx", layout=False)
+    assert_close(y[:, -2:].contiguous(), y_ref, table="rounded_once", name="y")
