@@ -50,6 +50,12 @@ def separable_attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor
     return _contiguous(*separable_attention_forward_reference(q, k, v))
 
 
+def separable_attention_qkv_forward(qkv: Tensor) -> tuple[Tensor, Tensor]:
+    """``(y, ctx)`` of the q, k, v channel views of ``qkv: [B, 1 + 2C, P, N]``."""
+    C = (qkv.shape[1] - 1) // 2
+    return separable_attention_forward(*qkv.split([1, C, C], dim=1))
+
+
 def separable_layer_context_forward(x: Tensor, w_q: Tensor) -> tuple[Tensor, Tensor]:
     """``(s, xbar)``: ``s = softmax_N(w_q · x)`` ``[B, P, N]``, ``xbar = Σ_n s x`` ``[B, D, P]``."""
     return _contiguous(*separable_layer_context_forward_reference(x, w_q))
@@ -89,6 +95,13 @@ def separable_attention_backward(grad_y, q, k, v, ctx) -> tuple[Tensor, Tensor, 
     return _contiguous(*separable_attention_backward_reference(grad_y, q, k, v, ctx))
 
 
+def separable_attention_qkv_backward(grad_y, qkv, ctx) -> Tensor:
+    """``dqkv``: dq, dk, dv in one tensor shaped like qkv."""
+    C = (qkv.shape[1] - 1) // 2
+    grads = separable_attention_backward_reference(grad_y, *qkv.split([1, C, C], dim=1), ctx)
+    return torch.cat(grads, dim=1).contiguous()
+
+
 def separable_layer_context_backward(grad_xbar, x, w_q, s, xbar) -> tuple[Tensor, Tensor]:
     return _contiguous(*separable_layer_context_backward_reference(grad_xbar, x, w_q, s, xbar))
 
@@ -118,6 +131,7 @@ def additive_attention_backward(
 
 _FORWARD: dict[str, Callable] = {
     "separable_attention_forward": separable_attention_forward,
+    "separable_attention_qkv_forward": separable_attention_qkv_forward,
     "separable_layer_context_forward": separable_layer_context_forward,
     "separable_layer_epilogue_forward": separable_layer_epilogue_forward,
     "separable_layer_project_forward": separable_layer_project_forward,
@@ -127,6 +141,7 @@ _FORWARD: dict[str, Callable] = {
 # graph holds it functionalised, which a decomposition table cannot name; it has none.
 _BACKWARD: dict[str, Callable] = {
     "separable_attention_backward": separable_attention_backward,
+    "separable_attention_qkv_backward": separable_attention_qkv_backward,
     "separable_layer_context_backward": separable_layer_context_backward,
     "separable_layer_epilogue_backward": separable_layer_epilogue_backward,
     "separable_layer_project_backward": separable_layer_project_backward,
