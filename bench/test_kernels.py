@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mvit2_kernels.bench import kernels, shapes
+from mvit2_kernels.bench import kernels
 from mvit2_kernels.bench.timing import last_level_cache_bytes, rotating
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = shapes.design_shapes(shapes.train_batch(DEVICE))
+SHAPES = kernels.design_shapes(kernels.TRAIN_BATCH[DEVICE])
 IMPLS = ["copy", "eager", "compile", *kernels.kernel_backends(DEVICE)]
 
 

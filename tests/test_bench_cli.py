@@ -22,7 +22,7 @@ import pytest
 import torch
 from fixtures.optional import optional
 
-from mvit2_kernels.bench import kernels, results, shapes
+from mvit2_kernels.bench import kernels, results
 from mvit2_kernels.bench.cli import main
 from mvit2_kernels.bench.timing import rotation_count
 
@@ -101,7 +101,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_design_shapes_are_the_mobilevitv2_attention_stages():
-    by_name = {s.name: s for s in shapes.design_shapes(32, ["separable"])}
+    by_name = {s.name: s for s in kernels.design_shapes(32, ["separable"])}
     assert len(by_name) == 3 * 2 * 3 * 2  # widths × resolutions × stages × batches
     for name, (c, n) in {
         "w1.0-256px-L3-B32": (128, 256),
@@ -114,7 +114,7 @@ def test_design_shapes_are_the_mobilevitv2_attention_stages():
     }.items():
         s = by_name[name]
         assert (s.channels, s.pixels, s.patches, s.op) == (c, 4, n, "separable"), name
-    assert {s.batch for s in shapes.design_shapes(256, ["separable"])} == {1, 256}
+    assert {s.batch for s in kernels.design_shapes(256, ["separable"])} == {1, 256}
 
 
 # Stage dims of SwiftFormer as published, and the tokens each stage's attention sees at 224².
@@ -134,12 +134,12 @@ def test_additive_shapes_are_every_swiftformer_stage_of_xs_and_l3_and_all_varian
         for stage in range(4)
         for b in (1, 32)
     }
-    known = shapes.design_shapes(32, ["additive"], SWIFTFORMER_DIMS)
+    known = kernels.design_shapes(32, ["additive"], SWIFTFORMER_DIMS)
     assert {s.name: (s.batch, s.channels, s.patches) for s in known} == expected
     assert all(s.op == "additive" and s.pixels == 1 for s in known)
-    timed = {s.name for s in shapes.design_shapes(32, ["additive"])}
+    timed = {s.name for s in kernels.design_shapes(32, ["additive"])}
     assert timed == {n for n in expected if n.startswith(("sf-xs-", "sf-l3-"))}
-    both = shapes.design_shapes(32)  # the default: both ops, separable first
+    both = kernels.design_shapes(32)  # the default: both ops, separable first
     assert [s.op for s in both] == ["separable"] * 36 + ["additive"] * 16
 
 
@@ -162,7 +162,7 @@ def test_shapes_are_those_the_models_give_their_attention(family, variant, res):
         if isinstance(m, (SeparableAttention, EfficientAdditiveAttention)):
             m.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
     model(torch.empty(1, 3, res, res, device="meta"))
-    named = [s for s in shapes.design_shapes(1, variants=SWIFTFORMER_DIMS)
+    named = [s for s in kernels.design_shapes(1, variants=SWIFTFORMER_DIMS)
              if s.name.startswith(prefix)]
     layout = [(1, s.channels, s.pixels, s.patches) if s.op == "separable"
               else (1, s.patches, s.channels) for s in named]
@@ -170,31 +170,31 @@ def test_shapes_are_those_the_models_give_their_attention(family, variant, res):
 
 
 def test_quick_shapes_are_one_stage_per_op_at_both_batches():
-    quick = [s.name for s in shapes.quick_shapes(32)]
+    quick = [s.name for s in kernels.quick_shapes(32)]
     assert quick == ["w1.0-256px-L3-B1", "w1.0-256px-L3-B32", "sf-xs-224px-s1-B1",
                      "sf-xs-224px-s1-B32"]
-    assert [s.name for s in shapes.quick_shapes(32, ["additive"])] == quick[2:]
+    assert [s.name for s in kernels.quick_shapes(32, ["additive"])] == quick[2:]
 
 
 def test_custom_shapes_are_bxcxpxn_for_separable_and_bxnxd_for_additive():
-    (sep,) = shapes.select_shapes(["2x8x4x16"], 32)
+    (sep,) = kernels.select_shapes(["2x8x4x16"], 32)
     assert (sep.op, sep.batch, sep.channels, sep.pixels, sep.patches) == ("separable", 2, 8, 4, 16)
-    (add,) = shapes.select_shapes(["2x49x48"], 32)
+    (add,) = kernels.select_shapes(["2x49x48"], 32)
     assert (add.name, add.op, add.batch, add.channels, add.pixels, add.patches) == (
         "B2-N49-D48", "additive", 2, 48, 1, 49)
     with pytest.raises(ValueError, match="--op leaves additive out"):
-        shapes.select_shapes(["2x49x48"], 32, ["separable"])
+        kernels.select_shapes(["2x49x48"], 32, ["separable"])
 
 
 def test_op_bytes_follow_the_floor_of_each_op():
-    s = shapes.Shape("s", batch=2, channels=3, pixels=4, patches=5)
+    s = kernels.Shape("s", batch=2, channels=3, pixels=4, patches=5)
     bpn = 2 * 4 * 5
     assert kernels.op_bytes(s, torch.float32, "forward") == (1 + 3 * 3) * bpn * 4
     assert kernels.op_bytes(s, torch.bfloat16, "forward+backward") == (
         (1 + 3 * 3) + (2 + 5 * 3)) * bpn * 2
     # Additive: forward reads q, k and writes G*kn, qn (4·B·N·D); backward reads grad_out,
     # grad_qn, q, k and writes dq, dk (6·B·N·D).
-    a = shapes.Shape("a", batch=2, channels=3, pixels=1, patches=5, op="additive")
+    a = kernels.Shape("a", batch=2, channels=3, pixels=1, patches=5, op="additive")
     bnd = 2 * 5 * 3
     assert kernels.op_bytes(a, torch.float32, "forward") == 4 * bnd * 4
     assert kernels.op_bytes(a, torch.bfloat16, "forward+backward") == (4 + 6) * bnd * 2
@@ -207,7 +207,7 @@ def test_rotation_outgrows_the_cache_within_its_memory_budget():
 
 
 def test_input_sets_rotate_views_of_one_qkv_and_count_its_bytes_once():
-    s = shapes.Shape("s", batch=2, channels=8, pixels=4, patches=16)
+    s = kernels.Shape("s", batch=2, channels=8, pixels=4, patches=16)
     qkv_bytes, grad_y_bytes = (1 + 2 * 8) * s.elements * 4, 8 * s.elements * 4  # fp32
     # Forward: q, k, v are views of one qkv.
     sets = kernels.input_sets(s, torch.float32, "cpu", False, cache=5 * qkv_bytes)
@@ -222,8 +222,8 @@ def test_input_sets_rotate_views_of_one_qkv_and_count_its_bytes_once():
     assert qkv.shape == (2, 17, 4, 16) and qkv.requires_grad and not g.requires_grad
 
 
-SMALL = {"separable": shapes.Shape("s", 2, 8, 4, 16),
-         "additive": shapes.Shape("a", 2, 8, 1, 16, op="additive")}
+SMALL = {"separable": kernels.Shape("s", 2, 8, 4, 16),
+         "additive": kernels.Shape("a", 2, 8, 1, 16, op="additive")}
 
 
 @pytest.mark.parametrize("op", list(kernels.OPS))
@@ -285,7 +285,7 @@ def test_json_follows_the_documented_schema(quick_run):
         assert (row["pass"], row["grads"]) in PATHS[row["op"]]
         b, c, p, n = SIZES[row["shape"]]
         assert (row["batch"], row["channels"], row["pixels"], row["patches"]) == (b, c, p, n)
-        shape = shapes.Shape(row["shape"], b, c, p, n, op=row["op"])
+        shape = kernels.Shape(row["shape"], b, c, p, n, op=row["op"])
         assert row["bytes"] == kernels.op_bytes(shape, torch.float32, row["pass"])
         assert row["median_ms"] > 0 and row["repeats"] >= 1 and row["rotated_sets"] >= 1
         assert row["peak_mib"] is None  # CPU

@@ -1,7 +1,5 @@
-"""The ``mvit2-bench`` command (also ``python -m mvit2_kernels.bench``): the kernels, the attention
-layer and whole models against eager PyTorch, ``torch.compile`` and the memory-copy floor. See
-docs/performance.md for the method, the columns and the JSON schema.
-"""
+"""``mvit2-bench`` (also ``python -m mvit2_kernels.bench``): the kernels, the attention layer and
+whole models against eager PyTorch, ``torch.compile`` and the copy floor (docs/performance.md)."""
 
 from .cli import main
 

@@ -7,17 +7,15 @@
 
 The first (the default) times the kernels of both ops (MobileViTv2's separable attention,
 SwiftFormer's additive attention) against the eager reference, ``torch.compile(reference)`` and
-the memory-copy floor, the backward along both gradient paths (set_to_none, accumulate);
-``layer`` times MobileViTv2's whole attention layer (fused with and without the keys, against
-the standard layer eager and compiled); ``model`` times whole models (images/s and the share of
-attention); ``report`` prints the tables of result files and charts one. Every timing command
-takes --quick, --repeat, --json PATH and --plot PATH.
+the memory-copy floor; ``layer`` MobileViTv2's whole attention layer; ``model`` whole models;
+``report`` prints the tables of result files and charts one.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import gc
+import importlib.util
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -27,10 +25,8 @@ import torch
 from ..backends import resolve_backend
 from ..models.mobilevitv2 import WIDTHS
 from ..models.swiftformer import CONFIGS as SWIFTFORMER
-from . import kernels, layer, models, results, shapes
-from .timing import Budget, timer_name
-
-__all__ = ["main"]
+from . import kernels, layer, models, results
+from .timing import QUICK, Budget, Kind, measure, timer_name
 
 COMMANDS = ("ops", "layer", "model", "report")
 PASS_ALIASES = {"fwd": "forward", "forward": "forward", "fwd+bwd": "forward+backward",
@@ -39,15 +35,8 @@ EPILOG = ("Filters take comma-separated lists and may repeat. Shapes are globs o
           "w1.0-256px-L3-B32 (MobileViTv2 width, image size, stage, batch; the layer's D is the "
           "stage's C) and sf-xs-224px-s1-B32 (SwiftFormer variant, image size, stage, batch), or "
           "custom BxCxPxN (separable, layer) and BxNxD (additive).")
-DESCRIPTION = {
-    "layer": "MobileViTv2's attention layer as SeparableAttention runs it: "
-    f"{', '.join(layer.IMPLS)}; forward under no_grad and a training step (forward and backward "
-    "for x and the parameters).",
-    "model": "Model throughput (images/s) in inference and training steps (SGD; training+amp: "
-    "under bf16 autocast), ours fused and unfused against transformers', with the share of the "
-    "time spent in the attention modules.",
-    "report": "Print the tables of mvit2-bench result files (--json); --plot charts one.",
-}
+DESCRIPTION = {"ops": __doc__, "layer": layer.__doc__, "model": models.__doc__, "report":
+               "Print the tables of mvit2-bench result files (--json); --plot charts one."}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,11 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--device cuda: no CUDA device is visible to torch {torch.__version__}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:  # said before the run rather than after it
-            parser.error("--plot needs matplotlib: pip install matplotlib")
+    if args.plot and not importlib.util.find_spec("matplotlib"):  # said before the run, not after
+        parser.error("--plot needs matplotlib: pip install matplotlib")
     plan = {"ops": _ops_plan, "layer": _layer_plan, "model": _model_plan}[command]
     return _run(command, argv, args, device, *plan(parser, args, device))
 
@@ -81,7 +67,7 @@ def _positive(text: str) -> int:
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mvit2-bench" + ("" if command == "ops" else f" {command}"),
-        description=__doc__ if command == "ops" else textwrap.fill(DESCRIPTION[command], 79),
+        description=DESCRIPTION[command],
         epilog=textwrap.fill(EPILOG, 79) if command in ("ops", "layer") else None,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
@@ -100,6 +86,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command != "ops":
         impls = layer.IMPLS if command == "layer" else models.IMPLS
         add("--impl", action="append", help=f"{', '.join(impls)} (default: all)")
+        add("--backend", default="auto", help="backend of the fused impls (default auto)")
     if command == "model":
         add("--model", action="append", help="mobilevitv2, swiftformer (default: both)")
         add("--width", action="append", help="MobileViTv2 widths (default 1.0; --quick 0.5)")
@@ -111,7 +98,6 @@ def _parser(command: str) -> argparse.ArgumentParser:
         add("--mode", action="append", help=f"{', '.join(models.MODES)} (default: all; "
             "training+amp only for --dtype fp32)")
         add("--dtype", default="fp32", help="model dtype (default fp32)")
-        add("--backend", default="auto", help="backend of the fused models (default auto)")
         return p
     add("--shape", action="append", help="glob over shape names, or a custom shape "
         "(--quick: w1.0-256px-L3-*" + (", sf-xs-224px-s1-*)" if command == "ops" else ")"))
@@ -124,36 +110,31 @@ def _parser(command: str) -> argparse.ArgumentParser:
         add("--op", action="append", help="separable (MobileViTv2), additive (SwiftFormer)")
         add("--backend", action="append", help="kernel backends (default: all on the device)")
         add("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    else:
-        add("--backend", default="auto", help="backend of the fused impls (default auto)")
     return p
 
 
-def _listed(values: list[str] | None, default: Sequence[str] = ()) -> list[str]:
-    """Repeated and comma-separated values as one list without repeats, or ``default``."""
-    if not values:
-        return list(default)
-    return list(dict.fromkeys(v.strip() for value in values for v in value.split(",") if v.strip()))
-
-
-def _choose(parser, option: str, values: list[str], allowed: Sequence, why: str = "") -> list:
+def _choose(parser, option: str, values: list[str] | None, allowed: Sequence | None,
+            default: Sequence = (), why: str = "") -> list:
+    """Repeated, comma-separated ``values`` (else ``default``), each one of ``allowed`` if any."""
+    values = list(dict.fromkeys(v.strip() for value in values or () for v in value.split(",")
+                                if v.strip())) or list(default)
     for v in values:
-        if v not in allowed:
+        if allowed is not None and v not in allowed:
             parser.error(f"{option} {v!r}{why}: choose from {', '.join(allowed) or 'none'}")
     return values
 
 
 def _selection(parser, args, device: str, ops: list[str], default_shapes, default_dtypes):
     """The (shape, dtype, pass) groups of ``ops`` and ``layer``, and their settings."""
-    batch = args.train_batch or shapes.train_batch(device)
+    batch = args.train_batch or kernels.TRAIN_BATCH[device]
     try:
-        chosen = (shapes.select_shapes(_listed(args.shape), batch, ops) if args.shape
-                  else default_shapes(batch))
+        chosen = (kernels.select_shapes(_choose(parser, "--shape", args.shape, None), batch, ops)
+                  if args.shape else default_shapes(batch))
     except ValueError as e:
         parser.error(str(e))
-    dtypes = _choose(parser, "--dtype", _listed(args.dtype, default_dtypes),
-                     kernels.DEVICE_DTYPES[device], f" is not benchmarked on {device}")
-    passes = _choose(parser, "--pass", _listed(args.passes, ["fwd", "fwd+bwd"]), PASS_ALIASES)
+    dtypes = _choose(parser, "--dtype", args.dtype, kernels.DEVICE_DTYPES[device], default_dtypes,
+                     f" is not benchmarked on {device}")
+    passes = _choose(parser, "--pass", args.passes, PASS_ALIASES, ["fwd", "fwd+bwd"])
     passes = list(dict.fromkeys(PASS_ALIASES[p] for p in passes))
     # Groups of one table (op, dtype, pass) run one after another, so it prints when done.
     groups = [(s, d, p) for op in ops for d in dtypes for p in passes for s in chosen if s.op == op]
@@ -162,118 +143,124 @@ def _selection(parser, args, device: str, ops: list[str], default_shapes, defaul
 
 
 def _ops_plan(parser, args, device: str):
-    ops = _choose(parser, "--op", _listed(args.op, shapes.OPS), shapes.OPS)
-    pick = shapes.quick_shapes if args.quick else shapes.design_shapes
+    ops = _choose(parser, "--op", args.op, kernels.OPS, kernels.OPS)
+    pick = kernels.quick_shapes if args.quick else kernels.design_shapes
     groups, settings = _selection(parser, args, device, ops, lambda b: pick(b, ops),
                                   kernels.DEVICE_DTYPES[device])
     present = kernels.kernel_backends(device)
-    backends = _choose(parser, "--backend", _listed(args.backend, present), present,
+    backends = _choose(parser, "--backend", args.backend, present, present,
                        f" is not available on {device}")
     impls = ["copy", "eager", *([] if args.no_compile else ["compile"]), *backends]
-    ops = [op for op in shapes.OPS if any(g[0].op == op for g in groups)]  # the ops that run
+    ops = [op for op in kernels.OPS if any(g[0].op == op for g in groups)]  # the ops that run
     settings = {"ops": ops, "additive_variant": kernels.ADDITIVE_VARIANT,
                 "grad_paths": {op: kernels.OPS[op].grad_paths for op in ops},
                 "grad_rounds": kernels.GRAD_ROUNDS, **settings}
-    return groups, impls, kernels, {}, settings
+    return groups, impls, kernels.KIND, {}, settings
 
 
 def _layer_plan(parser, args, device: str):
     groups, settings = _selection(parser, args, device, ["separable"],
                                   lambda b: layer.default_shapes(b, args.quick),
                                   layer.DEFAULT_DTYPES[device])
-    impls = _choose(parser, "--impl", _listed(args.impl, layer.IMPLS), list(layer.IMPLS))
+    impls = _choose(parser, "--impl", args.impl, list(layer.IMPLS), layer.IMPLS)
     try:
         resolved = resolve_backend(args.backend, torch.device(device))
     except (ValueError, RuntimeError) as e:
         parser.error(f"--backend {args.backend!r}: {e}")
     settings = {"backend": args.backend, "resolved_backend": resolved, **settings}
-    return groups, impls, layer, {"backend": args.backend}, settings
+    return groups, impls, layer.KIND, {"backend": args.backend}, settings
 
 
 def _model_plan(parser, args, device: str):
-    _choose(parser, "--dtype", [args.dtype], kernels.DEVICE_DTYPES[device])
-    impls = _choose(parser, "--impl", _listed(args.impl, models.IMPLS), models.IMPLS)
-    families = _choose(parser, "--model", _listed(args.model, shapes.RESOLUTION), shapes.RESOLUTION)
+    if args.dtype not in (dtypes := kernels.DEVICE_DTYPES[device]):  # one dtype, not a list
+        parser.error(f"--dtype {args.dtype!r}: choose from {', '.join(dtypes)}")
+    impls = _choose(parser, "--impl", args.impl, models.IMPLS, models.IMPLS)
+    families = _choose(parser, "--model", args.model, kernels.RESOLUTION, kernels.RESOLUTION)
     batch = args.batch or ((32 if device == "cuda" else 8) if args.quick
-                           else shapes.train_batch(device))
-    modes = _choose(parser, "--mode", _listed(args.mode, [
-        m for m in models.MODES if args.dtype == "fp32" or m != "training+amp"]), models.MODES)
-    if "training+amp" in modes and args.dtype != "fp32":
+                           else kernels.TRAIN_BATCH[device])
+    amp = args.dtype == "fp32"  # training+amp runs an fp32 model under autocast
+    modes = _choose(parser, "--mode", args.mode, models.MODES, models.MODES[:3 if amp else 2])
+    if "training+amp" in modes and not amp:
         parser.error("--mode training+amp runs an fp32 model under autocast: use --dtype fp32")
-    variants = {
-        "mobilevitv2": _choose(parser, "--width", _listed(args.width, ["0.5" if args.quick
-                                                                      else "1.0"]),
-                               [str(w) for w in WIDTHS]),
-        "swiftformer": _choose(parser, "--variant", _listed(args.variant, ["xs"]),
-                               list(SWIFTFORMER)),
-    }
-    cases = [models.ModelCase(family, variant, args.resolution or shapes.RESOLUTION[family], b,
+    variants = {"mobilevitv2": _choose(parser, "--width", args.width, [str(w) for w in WIDTHS],
+                                       ["0.5" if args.quick else "1.0"]),
+                "swiftformer": _choose(parser, "--variant", args.variant, list(SWIFTFORMER),
+                                       ["xs"])}
+    cases = [models.ModelCase(family, variant, args.resolution or kernels.RESOLUTION[family], b,
                               mode, args.dtype)
              for family in families for variant in variants[family] for mode in modes
              # --quick times inference at B=1 only: the deployment case
              for b in (((1,) if args.quick else (1, batch)) if mode == "inference" else (batch,))]
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if not importlib.util.find_spec("transformers"):
         parser.error("mvit2-bench model needs transformers: pip install transformers")
     if "swiftformer" in families and args.impl and "fused-kernel" in impls:
         print("mvit2-bench model: fused-kernel is not available for SwiftFormer", file=sys.stderr)
     settings = {"dtype": args.dtype, "backend": args.backend,
-                "cases": [dataclasses.asdict(c) for c in cases]}
-    return list(dict.fromkeys(cases)), impls, models, {"backend": args.backend}, settings
+                "cases": [c._asdict() for c in cases]}
+    return list(dict.fromkeys(cases)), impls, models.KIND, {"backend": args.backend}, settings
 
 
-def _run(kind, argv, args, device, groups, impls, module, options, settings) -> int:
+def _run(name: str, argv, args, device: str, groups: list, impls: list[str], kind: Kind,
+         options: dict, settings: dict) -> int:
     """Time every group's jobs ``--repeat`` times, round-robin over the groups (a burst of other
     work on the machine then spoils one round of a group, not all of them); print each table
-    when its groups are done; write ``--json`` and ``--plot``."""
+    when its groups are done; write ``--json`` and ``--plot``. A job that raises (a missing
+    backend, a failed compile, out of memory) is reported and skipped, not fatal."""
     from tqdm import tqdm
 
-    env, budget = results.describe(device), Budget.of(args.quick)
-    print(f"mvit2-bench {kind}: {env['device_name']} ({device}, {env['threads']} threads), "
+    env, budget = results.describe(device), QUICK if args.quick else Budget()
+    print(f"mvit2-bench {name}: {env['device_name']} ({device}, {env['threads']} threads), "
           f"torch {env['torch']}; {len(groups)} groups × {len(impls)} impls "
           f"({', '.join(impls)})", flush=True)
-    total = args.repeat * sum(len(module.jobs(g, impls)) for g in groups)
-    bar = tqdm(total=total, file=sys.stderr, unit="timing", leave=False, dynamic_ncols=True,
-               disable=True if args.no_progress else None)
-    timed: dict = {g: {} for g in groups}
-    rows, pending, skipped = [], [], {}
-
-    def flush():
-        bar.write(results.render(pending, kind, env["threads"]), file=sys.stdout)
-        pending.clear()
-
+    jobs = {group: kind.jobs(group, impls) for group in groups}
+    bar = tqdm(total=args.repeat * sum(map(len, jobs.values())), file=sys.stderr, unit="timing",
+               leave=False, dynamic_ncols=True, disable=True if args.no_progress else None)
+    timed: dict = {group: {} for group in groups}
+    rows, printed, skipped = [], 0, {}
+    tables = [results.labels(name, kind.fields(group))[0] for group in groups]  # each adjacent
     torch.manual_seed(0)
     for round_ in range(args.repeat):
-        for group in groups:
-            got = module.time_group(group, impls, device=device, budget=budget, tick=bar.update,
-                                    **options)
-            for (impl, path), measured in got.items():
-                for m in measured:
-                    if not isinstance(m, Exception):
-                        timed[group].setdefault((impl, path), []).append(m)
-                    elif (group, impl, path) not in skipped:
-                        reason = f"{type(m).__name__}: {m}".splitlines()[0][:300]
-                        fields = {**module.fields(group), **({"grads": path} if path else {})}
+        for i, group in enumerate(groups):
+            build, todo = kind.prepare(group, device, budget, **options), jobs[group]
+            # Gradient paths alternating in rounds share the budget of one measurement.
+            n = todo.count(todo[0]) if todo else 1
+            share = budget._replace(warmup_s=budget.warmup_s / n,
+                                    min_run_time_s=budget.min_run_time_s / n)
+            for impl, path in todo:
+                try:
+                    fn, metadata = build(impl, path)
+                    got = measure(fn, device, share, **metadata)
+                    timed[group].setdefault((impl, path), []).append(got)
+                except Exception as e:
+                    if (group, impl, path) not in skipped:
+                        reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                        fields = {**kind.fields(group), **({"grads": path} if path else {})}
                         skipped[group, impl, path] = {**fields, "impl": impl, "reason": reason}
                         where = ", ".join(map(str, fields.values()))
                         bar.write(f"skipped {impl} at {where}: {reason}", file=sys.stderr)
+                fn = got = None
+                gc.collect()  # this job's buffers, graphs and saved activations go before the next
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                bar.update()
             if round_ == args.repeat - 1:
-                for row in module.rows(group, timed[group]):
-                    if pending and results.labels(kind, row)[0] != results.labels(
-                            kind, pending[0])[0]:
-                        flush()
-                    pending.append(row)
-                    rows.append(row)
-    if pending:
-        flush()
+                done = results.summarize(kind.fields(group), timed[group], kind.ratios)
+                kind.finish(group, done, timed[group])
+                rows += done
+                if tables[i + 1 : i + 2] != tables[i : i + 1] and rows[printed:]:  # table done
+                    bar.write(results.render(rows[printed:], name, env["threads"]), file=sys.stdout)
+                    printed = len(rows)
     bar.close()
     settings = {"quick": args.quick, "repeat": args.repeat, "impls": impls, **settings,
-                "timer": timer_name(device), **dataclasses.asdict(budget)}
-    doc = results.document(kind, argv, env, settings, rows, list(skipped.values()))
+                "timer": timer_name(device), **budget._asdict()}
+    doc = results.document(name, argv, env, settings, rows, list(skipped.values()))
     if args.json:
         results.write_json(args.json, doc)
         print(f"wrote {args.json}")
+    return _plot(args, doc)
+
+
+def _plot(args, doc: dict) -> int:
     if args.plot:
         results.plot(doc, args.plot)
         print(f"wrote {args.plot}")
@@ -292,7 +279,4 @@ def _report(parser, args) -> int:
         print(f"{path}: {doc['kind']} on {env['device_name']} ({env['device']}, {env['threads']} "
               f"threads), torch {env['torch']}, {doc['created']}\n  {doc['command']}\n")
         print(results.render(doc["rows"], doc["kind"], env["threads"]))
-    if args.plot:
-        results.plot(docs[0], args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+    return _plot(args, docs[0])

@@ -1,37 +1,27 @@
-"""The kernel benchmark (``mvit2-bench``), data-driven like Liger-Kernel's benchmark scripts: per
-op (:data:`OPS`) the tensors a model holds, the op's inputs made of them, the eager reference, the
-kernel and the bytes it must move. Every op runs the impls ``copy`` (``dst.copy_(src)`` of as
-many bytes: the floor), ``eager`` (the reference), ``compile`` (``torch.compile(reference)``) and
-each kernel backend, in the passes ``forward`` and ``forward+backward``.
-
-The backward is a training step's: ``backward()`` of random output gradients into the ``.grad``
-of the tensors the model holds, along each of the op's gradient paths (:data:`GRAD_PATHS`), timed
-interleaved in :data:`GRAD_ROUNDS` rounds.
+"""The kernel benchmark (``mvit2-bench``), data-driven like Liger-Kernel's: per op (:data:`OPS`)
+the tensors a model holds, the op's inputs made of them, the reference, the kernel and the bytes
+it must move; the shapes, from the models' own configurations, named for ``--shape`` globs. The
+backward is a training step's: ``backward()`` into the ``.grad`` of the tensors the model holds,
+along each gradient path, the paths alternating over :data:`GRAD_ROUNDS` rounds so that one noisy
+stretch cannot tilt the comparison.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import fnmatch
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
-from .. import (
-    additive_attention,
-    additive_attention_reference,
-    available_backends,
-    separable_attention,
-    separable_attention_reference,
-)
-from . import results
-from .shapes import Shape
-from .timing import Budget, last_level_cache_bytes, rotating, rotation_count, time_each
-
-__all__ = ["DEVICE_DTYPES", "DTYPES", "GRAD_PATHS", "OPS", "Op", "kernel_backends", "step",
-           "time_group"]
+from ..backends import available_backends
+from ..models.mobilevitv2 import WIDTHS, mobilevitv2_channels
+from ..models.swiftformer import CONFIGS as SWIFTFORMER
+from ..ops import additive_attention, separable_attention
+from ..reference import additive_attention_reference, separable_attention_reference
+from .timing import Kind, last_level_cache_bytes, rotating, rotation_count
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 has no fast CPU kernels in PyTorch's eager ops: the baselines would not be representative.
@@ -40,16 +30,12 @@ PASSES = ("forward", "forward+backward")
 # set_to_none: every step starts with .grad = None (zero_grad's default), so autograd hands the
 # new gradient over; accumulate: it is added into the existing .grad (gradient accumulation).
 GRAD_PATHS = ("set_to_none", "accumulate")
-GRAD_ROUNDS = 3  # the paths alternate; each figure is the median of its round medians
+GRAD_ROUNDS = 3
 # "softmax" moves the same bytes in the same passes (its token weights are all 1).
 ADDITIVE_VARIANT = "normalize"
-RATIOS = {"floor_fraction": "copy", "speedup_vs_eager": "eager", "speedup_vs_compile": "compile"}
 
 
-@dataclass(frozen=True)
-class Op:
-    """What the benchmark needs of one op."""
-
+class Op(NamedTuple):
     reference: Callable[..., Any]
     kernel: Callable[..., Any]  # (*inputs, backend=...)
     leaves: Callable[[Shape, torch.dtype, str], tuple[torch.Tensor, ...]]  # what a model holds
@@ -89,6 +75,101 @@ OPS = {
     ),
 }
 
+RESOLUTION = {"mobilevitv2": 256, "swiftformer": 224}  # the models' ImageNet image sizes
+TRAIN_BATCH = {"cpu": 32, "cuda": 256}  # the batch timed beside B=1
+# MobileViTv2: the smallest, the default and the largest width, at ImageNet size and at the
+# DeepLabV3 segmentation size. Its attention stages L3, L4, L5 run at output strides 8, 16, 32 on
+# 2×2 patches: P = 4, N = (res/stride/2)².
+TIMED_WIDTHS = (WIDTHS[0], 1.0, WIDTHS[-1])
+RESOLUTIONS = (RESOLUTION["mobilevitv2"], 512)
+STAGE_STRIDES = {3: 8, 4: 16, 5: 32}
+# SwiftFormer: one attention block ends each of its four stages, at strides 4, 8, 16, 32. The
+# default times the smallest and the largest variant; S and L1 lie between them (``--shape``).
+SWIFTFORMER_TIMED = ("xs", "l3")
+SWIFTFORMER_STRIDES = (4, 8, 16, 32)
+QUICK_PREFIXES = ("w1.0-256px-L3-", "sf-xs-224px-s1-")  # per op the stage of most tokens
+_CUSTOM = re.compile(r"^\d+(x\d+){2,3}$")  # commas separate list items, so sizes use "x"
+
+
+class Shape(NamedTuple):
+    """One attention call. ``separable``: q ``[batch, 1, pixels, patches]``, k and v
+    ``[batch, channels, pixels, patches]``. ``additive``: q and k ``[batch, patches, channels]``
+    (N tokens of D channels) with ``pixels == 1``, so that both fill the same JSON fields."""
+
+    name: str
+    batch: int
+    channels: int
+    pixels: int
+    patches: int
+    op: str = "separable"
+
+    @property
+    def elements(self) -> int:
+        """``B·P·N``: the elements of one channel."""
+        return self.batch * self.pixels * self.patches
+
+
+def group_fields(group: tuple[Shape, str, str]) -> dict:
+    """What the rows (and skips) of one (shape, dtype, pass) say of it."""
+    s, dtype, pass_ = group
+    return {"op": s.op, "shape": s.name, "batch": s.batch, "channels": s.channels,
+            "pixels": s.pixels, "patches": s.patches, "dtype": dtype, "pass": pass_}
+
+
+def design_shapes(batch: int, ops: Sequence[str] = tuple(OPS),
+                  variants: Sequence[str] = SWIFTFORMER_TIMED) -> list[Shape]:
+    """Every timed MobileViTv2 width × resolution × stage, then every stage of the SwiftFormer
+    ``variants``, each at ``B=1`` and ``B=batch``; only those of ``ops``."""
+    out, batches = [], list(dict.fromkeys((1, batch)))
+    for width in TIMED_WIDTHS if "separable" in ops else ():
+        for res in RESOLUTIONS:
+            dims = zip(STAGE_STRIDES.items(), mobilevitv2_channels(width)["attn"], strict=True)
+            for (stage, stride), c in dims:
+                out += [Shape(f"w{width}-{res}px-L{stage}-B{b}", b, c, 4, (res // stride // 2) ** 2)
+                        for b in batches]
+    res = RESOLUTION["swiftformer"]
+    for variant in variants if "additive" in ops else ():
+        for stage, (d, stride) in enumerate(zip(SWIFTFORMER[variant][1], SWIFTFORMER_STRIDES,
+                                                strict=True), 1):
+            out += [Shape(f"sf-{variant}-{res}px-s{stage}-B{b}", b, d, 1, (res // stride) ** 2,
+                          "additive") for b in batches]
+    return out
+
+
+def quick_shapes(batch: int, ops: Sequence[str] = tuple(OPS)) -> list[Shape]:
+    """``--quick``: MobileViTv2-1.0's first attention stage and SwiftFormer-XS's first stage."""
+    return [s for s in design_shapes(batch, ops) if s.name.startswith(QUICK_PREFIXES)]
+
+
+def select_shapes(patterns: list[str], batch: int, ops: Sequence[str] = tuple(OPS)) -> list[Shape]:
+    """The named shapes of ``ops`` (every SwiftFormer variant) matching any glob in
+    ``patterns``, plus custom shapes, grouped by op; ``ValueError`` naming a bad pattern."""
+    known, chosen = design_shapes(batch, ops, tuple(SWIFTFORMER)), {}
+    for pattern in patterns:
+        if _CUSTOM.match(pattern):
+            sizes = [int(x) for x in pattern.split("x")]
+            op, layout = ("separable", "BxCxPxN") if len(sizes) == 4 else ("additive", "BxNxD")
+            if op not in ops:
+                raise ValueError(f"--shape {pattern!r} is a {op} shape ({layout}) but --op leaves "
+                                 f"{op} out")
+            if min(sizes) < 1:
+                raise ValueError(f"--shape {pattern!r}: every size of {layout} must be >= 1")
+            if op == "separable":
+                b, c, p, n = sizes
+                shape = Shape(f"B{b}-C{c}-P{p}-N{n}", b, c, p, n)
+            else:
+                b, n, d = sizes
+                shape = Shape(f"B{b}-N{n}-D{d}", b, d, 1, n, op)
+            chosen[shape.name] = shape
+        elif hits := [s for s in known if fnmatch.fnmatchcase(s.name, pattern)]:
+            chosen.update((s.name, s) for s in hits)
+        else:
+            raise ValueError(
+                f"--shape {pattern!r} matches no {' or '.join(ops)} shape; give a glob over these "
+                "names, or a custom 'BxCxPxN' (separable) or 'BxNxD' (additive): "
+                + ", ".join(s.name for s in known))
+    return sorted(chosen.values(), key=lambda s: list(OPS).index(s.op))
+
 
 def kernel_backends(device: str) -> list[str]:
     """The fused backends timed on ``device``; Triton only on a GPU (its CPU interpreter is a
@@ -104,21 +185,19 @@ def op_bytes(shape: Shape, dtype: torch.dtype, pass_: str) -> int:
 
 def op_function(impl: str, op: str) -> Callable[..., Any]:
     """The op as ``impl`` runs it: the reference, its ``torch.compile`` or a kernel backend."""
-    spec = OPS[op]
     if impl == "eager":
-        return spec.reference
+        return OPS[op].reference
     if impl == "compile":
         # A fresh dynamo state: each shape and dtype gets its own static graph instead of
         # hitting the recompile limit and silently falling back to eager.
         torch._dynamo.reset()
-        return torch.compile(spec.reference, dynamic=False)
-    return functools.partial(spec.kernel, backend=impl)
+        return torch.compile(OPS[op].reference, dynamic=False)
+    return functools.partial(OPS[op].kernel, backend=impl)
 
 
 def step(fn: Callable[..., Any], op: str, grads: str | None) -> Callable[..., Any]:
-    """One call on an input set: the forward ``fn(*inputs)``, or with ``grads`` (a gradient
-    path) a training step on ``(leaves, output_grads)``: the leaves made into the op's inputs,
-    its forward, and ``backward()`` into the leaves' .grad."""
+    """``fn`` for a forward; with a gradient path, a training step on ``(leaves, output_grads)``:
+    the op's forward on inputs made of the leaves, ``backward()`` into the leaves' .grad."""
     if grads is None:
         return fn
 
@@ -153,8 +232,7 @@ def input_sets(shape: Shape, dtype: torch.dtype, device: str, backward: bool,
 
 
 def copy_sets(nbytes: int, dtype: torch.dtype, device: str, cache: int) -> list:
-    """Enough ``(dst, src)`` pairs, each copy reading and writing ``nbytes`` in all, to outgrow
-    ``cache`` twice over."""
+    """Enough ``(dst, src)`` pairs to outgrow ``cache`` twice over; each copy moves ``nbytes``."""
     numel = max(1, nbytes // (2 * dtype.itemsize))
     return [(torch.empty(numel, dtype=dtype, device=device),
              torch.randn(numel, dtype=dtype, device=device))
@@ -162,22 +240,17 @@ def copy_sets(nbytes: int, dtype: torch.dtype, device: str, cache: int) -> list:
 
 
 def jobs(group: tuple[Shape, str, str], impls: list[str]) -> list[tuple[str, str | None]]:
-    """The ``(impl, gradient path)`` timings of one group, in order: a forward's once, a
-    backward's paths alternating over GRAD_ROUNDS rounds when there are several."""
     paths = OPS[group[0].op].grad_paths if group[2] != "forward" else (None,)
     rounds = GRAD_ROUNDS if len(paths) > 1 else 1
     return [(impl, path) for _ in range(rounds) for path in paths for impl in impls]
 
 
-def time_group(group: tuple[Shape, str, str], impls: list[str], device: str, budget: Budget,
-               tick: Callable) -> dict:
-    """Time ``impls`` on one (shape, dtype, pass)'s inputs: ``(impl, path) -> [Measurement or
-    the exception raised, ...]``, one per round."""
+def prepare(group: tuple[Shape, str, str], device: str, _budget) -> Callable:
     shape, dtype_name, pass_ = group
     dtype, cache = DTYPES[dtype_name], last_level_cache_bytes(device)
     nbytes = op_bytes(shape, dtype, pass_)
     sets = input_sets(shape, dtype, device, pass_ != "forward", cache)
-    fns: dict[str, Callable] = {}  # built once per group: one compile, whatever the rounds
+    fns: dict[str, Callable] = {}  # one compile per group, whatever the rounds
 
     def build(impl: str, path: str | None):
         if impl == "copy":
@@ -189,24 +262,14 @@ def time_group(group: tuple[Shape, str, str], impls: list[str], device: str, bud
         return rotating(fn, impl_sets), {"rotated_sets": len(impl_sets), "bytes": nbytes,
                                          "grads": path}
 
-    todo = jobs(group, impls)
-    rounds = todo.count(todo[0])  # the rounds share the budget of one measurement
-    budget = dataclasses.replace(budget, warmup_s=budget.warmup_s / rounds,
-                                 min_run_time_s=budget.min_run_time_s / rounds)
-    return time_each([(key, functools.partial(build, *key)) for key in todo], device, budget, tick)
+    return build
 
 
-def fields(group: tuple[Shape, str, str]) -> dict:
-    """What one group's rows (and skips) say of it."""
-    s, dtype, pass_ = group
-    return {"op": s.op, "shape": s.name, "batch": s.batch, "channels": s.channels,
-            "pixels": s.pixels, "patches": s.patches, "dtype": dtype, "pass": pass_}
-
-
-def rows(group: tuple[Shape, str, str], timed: dict[tuple, list]) -> list[dict]:
-    """The JSON rows of one group from its rounds (docs/performance.md)."""
-    out = results.summarize(fields(group), timed, RATIOS)
-    floor = {r["grads"]: r["median_ms"] for r in out if r["impl"] == "copy"}
-    for r in out:
+def finish(group, rows: list[dict], _timed) -> None:
+    floor = {r["grads"]: r["median_ms"] for r in rows if r["impl"] == "copy"}
+    for r in rows:
         r.update(gbps=r["bytes"] / r["median_ms"] / 1e6, floor_ms=floor.get(r["grads"]))
-    return out
+
+
+KIND = Kind(group_fields, prepare, {"floor_fraction": "copy", "speedup_vs_eager": "eager",
+                                   "speedup_vs_compile": "compile"}, jobs, finish)

@@ -1,7 +1,7 @@
-"""The model benchmark (``mvit2-bench model``): a model's inference or training step in each
-implementation, its throughput, and the share of the step spent in attention: one forward records
-the input of every attention module (projections included: what a user swaps), then those calls
-are replayed and timed like the model.
+"""Model throughput (images/s) in inference and training steps (SGD; training+amp: under bf16
+autocast), ours fused and unfused against transformers', and the share of the step spent in
+attention: one forward records the input of every attention module (projections included: what a
+user swaps), then those calls are replayed and timed like the model.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,33 +19,22 @@ from .. import models as zoo
 from ..models import fuse_
 from ..models.swiftformer import CONFIGS as SWIFTFORMER
 from .kernels import DTYPES
-from .results import summarize
-from .timing import Budget, last_level_cache_bytes, measure, rotating, rotation_count, time_each
-
-__all__ = ["IMPLS", "MODES", "ModelCase", "attention_modules", "model_builders", "model_step",
-           "time_group"]
+from .timing import Budget, Kind, last_level_cache_bytes, measure, rotating, rotation_count
 
 IMPLS = ("fused", "fused+compile", "fused-kernel", "unfused", "transformers",
          "transformers+compile", "transformers+fuse_")
-# A compiled model is one graph with no attention module left to replay: null attention columns.
-COMPILED_IMPLS = ("fused+compile", "transformers+compile")
 # "training+amp": the fp32 model's training step under torch.autocast (bf16), as people train.
 MODES = ("inference", "training", "training+amp")
 AMP_DTYPE = torch.bfloat16
 
 
-@dataclass(frozen=True)
-class ModelCase:
+class ModelCase(NamedTuple):
     family: str  # mobilevitv2 or swiftformer
     variant: str  # the width, or xs/s/l1/l3
     resolution: int
     batch: int
     mode: str
     dtype: str = "fp32"
-
-    @property
-    def name(self) -> str:
-        return f"{self.family}-{self.variant}"
 
 
 class _Logits(nn.Module):
@@ -83,25 +72,21 @@ def model_builders(family: str, variant: str) -> dict[str, Callable[[str], nn.Mo
             raise RuntimeError(f"fuse_ swapped no attention module of {hf_class.__name__}")
         return model
 
-    def compiled(build: Callable[[str], nn.Module]) -> Callable[[str], nn.Module]:
-        def build_compiled(backend: str) -> nn.Module:
-            torch._dynamo.reset()  # a static graph per case, never the recompile limit's fallback
-            return torch.compile(build(backend), dynamic=False)
-
-        return build_compiled
+    def compiled(build: Callable[[str], nn.Module], backend: str) -> nn.Module:
+        torch._dynamo.reset()  # a static graph per case, never the recompile limit's fallback
+        return torch.compile(build(backend), dynamic=False)
 
     builders = {impl: lambda backend, f=fused: factory(fused=f, backend=backend)
                 for impl, fused in ours.items()}
     builders["transformers"] = lambda _: _Logits(hf_class(config))
     builders["transformers+fuse_"] = fused_hf
     for impl in ("fused", "transformers"):
-        builders[f"{impl}+compile"] = compiled(builders[impl])
+        builders[f"{impl}+compile"] = functools.partial(compiled, builders[impl])
     return builders
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The outermost submodules whose class name contains ``Attention``: ours and
-    transformers'."""
+    """The outermost submodules whose class name contains ``Attention``: ours, transformers'."""
     found: list[nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():
@@ -115,12 +100,7 @@ def model_step(model: nn.Module, mode: str) -> Callable[[torch.Tensor, torch.Ten
     """Inference: a forward under ``inference_mode``. Training: forward, cross-entropy, backward
     and an SGD step, as a training loop runs it (under bf16 autocast for ``training+amp``)."""
     if mode == "inference":
-
-        def infer(x: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                return model(x)
-
-        return infer
+        return torch.inference_mode()(lambda x, _labels: model(x))
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
     def train(x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -137,10 +117,10 @@ def _first(out: torch.Tensor | tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def attention_replay(model: nn.Module, x: torch.Tensor, mode: str) -> tuple[Callable, int]:
-    """The attention modules' calls of one forward on ``x`` as a callable that replays them
-    (with a backward of a fixed output gradient in training, under the mode's autocast), and
-    the number of modules."""
+def attention_replay(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    """The attention modules' calls of one forward on ``x`` as a callable that replays them as
+    the mode's step runs them: under ``inference_mode``, or with a backward of a fixed output
+    gradient (under bf16 autocast for ``training+amp``)."""
     mods, calls = attention_modules(model), []
 
     def record(m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -153,81 +133,66 @@ def attention_replay(model: nn.Module, x: torch.Tensor, mode: str) -> tuple[Call
     finally:
         for h in handles:
             h.remove()
-    if mode == "inference":
-
-        def replay() -> None:
-            with torch.inference_mode():
-                for m, args, kwargs in calls:
-                    m(*args, **kwargs)
-
-        return replay, len(mods)
-    amp = torch.autocast(x.device.type, dtype=AMP_DTYPE, enabled=mode == "training+amp")
-    grads = []
-    for m, args, kwargs in calls:
+    training, grads = mode != "inference", [None] * len(calls)
+    context = (torch.autocast(x.device.type, dtype=AMP_DTYPE, enabled=mode == "training+amp")
+               if training else torch.inference_mode())
+    for i, (m, args, kwargs) in enumerate(calls if training else ()):
         for a in args:
             if torch.is_tensor(a) and a.is_floating_point():
                 a.requires_grad_()
-        with torch.no_grad(), amp:
-            grads.append(torch.randn_like(_first(m(*args, **kwargs))))
+        with torch.no_grad(), context:
+            grads[i] = torch.randn_like(_first(m(*args, **kwargs)))
     params = [p for m in mods for p in m.parameters()]
 
-    def replay_train() -> None:
+    def replay() -> None:
         for p in params:
             p.grad = None  # as zero_grad(set_to_none=True) does in the model's step
         for (m, args, kwargs), g in zip(calls, grads, strict=True):
-            with amp:
+            with context:
                 out = _first(m(*args, **kwargs))
-            out.backward(g)
+            if g is not None:
+                out.backward(g)
 
-    return replay_train, len(mods)
-
-
-def jobs(case: ModelCase, impls: list[str]) -> list[tuple[str, None]]:
-    """The ``(impl, None)`` timings of one case (SwiftFormer's fused-kernel counts, untimed)."""
-    return [(impl, None) for impl in impls]
+    return replay
 
 
-def time_group(case: ModelCase, impls: list[str], device: str, budget: Budget, backend: str,
-               tick: Callable) -> dict:
-    """Time each impl's attention modules' replay, then its step on ``case``: ``(impl, None) ->
-    [Measurement]`` (the replay's time and the module count in its metadata) or the exception
-    raised. An impl the model does not have (SwiftFormer's fused-kernel) is left out."""
+def prepare(case: ModelCase, device: str, budget: Budget, backend: str) -> Callable:
+    """Each impl's build times its attention modules' replay (the ``attention_ms`` metadata)
+    before the runner times its step."""
     builders, dtype = model_builders(case.family, case.variant), DTYPES[case.dtype]
     shape = (case.batch, 3, case.resolution, case.resolution)
     count = rotation_count(torch.Size(shape).numel() * dtype.itemsize,
                            last_level_cache_bytes(device), budget_bytes=256 << 20, max_sets=8)
 
-    def build(impl: str):
+    def build(impl: str, _path: None):
         torch.manual_seed(0)
         model = builders[impl](backend).to(device=device, dtype=dtype)
         model.train(case.mode != "inference")
         sets = [(torch.randn(shape, device=device, dtype=dtype),
                  torch.randint(0, 1000, (case.batch,), device=device)) for _ in range(count)]
         attention, n_modules = None, len(attention_modules(model))
-        if impl not in COMPILED_IMPLS and n_modules:
-            replay, n_modules = attention_replay(model, sets[0][0], case.mode)
+        # A compiled model is one graph with no attention module left to replay: null columns.
+        if not impl.endswith("+compile") and n_modules:
+            replay = attention_replay(model, sets[0][0], case.mode)
             attention = measure(replay, device, budget).median * 1e3
         step = rotating(model_step(model, case.mode), sets)
         return step, {"attention_modules": n_modules, "attention_ms": attention}
 
-    present = [i for i in impls if i in builders]
-    for _ in range(len(impls) - len(present)):
-        tick()  # the progress bar counts every impl of every case
-    return time_each([((i, None), lambda i=i: build(i)) for i in present], device, budget, tick)
+    return build
 
 
-def fields(case: ModelCase) -> dict:
-    """What one case's rows (and skips) say of it."""
-    return {"model": case.name, "resolution": case.resolution, "batch": case.batch,
-            "dtype": case.dtype, "mode": case.mode}
-
-
-def rows(case: ModelCase, timed: dict[tuple, list]) -> list[dict]:
-    """The JSON rows of one case from its rounds: throughput and attention share."""
-    out = summarize(fields(case), timed, {})
-    for r, ms in zip(out, timed.values(), strict=True):
+def finish(case: ModelCase, rows: list[dict], timed: dict) -> None:
+    for r, ms in zip(rows, timed.values(), strict=True):
         got = [m.metadata["attention_ms"] for m in ms if m.metadata["attention_ms"] is not None]
         r["attention_ms"] = statistics.median(got) if got else None
         r["images_per_s"] = case.batch / (r["median_ms"] * 1e-3)
         r["attention_share"] = r["attention_ms"] / r["median_ms"] if got else None
-    return out
+
+
+KIND = Kind(
+    lambda c: {"model": f"{c.family}-{c.variant}", "resolution": c.resolution, "batch": c.batch,
+               "dtype": c.dtype, "mode": c.mode},
+    prepare, {},
+    # An impl the model does not have (SwiftFormer's fused-kernel) is left out.
+    jobs=lambda c, impls: [(i, None) for i in impls if i in model_builders(c.family, c.variant)],
+    finish=finish)

@@ -1,8 +1,6 @@
-"""Results: the rows of a run, the JSON document (schema in docs/performance.md) with the machine
-described, the printed tables (``torch.utils.benchmark.Compare``) and the chart (matplotlib).
-
-Tables and charts are drawn from rows, so a result file written by any earlier version of the
-command (schema version 1) prints and plots like a fresh run (``mvit2-bench report``).
+"""Results: the rows of a run, the JSON document (schema in docs/performance.md), the printed
+tables (``torch.utils.benchmark.Compare``) and the chart (matplotlib). Both are drawn from rows
+alone, so a result file of any earlier version of schema 1 prints and plots like a fresh run.
 """
 
 from __future__ import annotations
@@ -23,13 +21,11 @@ import torch
 from torch.utils.benchmark import Compare, Measurement
 from torch.utils.benchmark.utils.common import TaskSpec
 
+from .. import __version__, available_backends
 from .timing import last_level_cache_bytes
-
-__all__ = ["describe", "document", "load", "plot", "render", "summarize", "write_json"]
 
 # Bump on any change that renames, retypes or removes a field; adding a field keeps the version.
 SCHEMA_VERSION = 1
-KINDS = ("ops", "layer", "model")
 # Per kind, the derived figures printed under each table, and the one each chart shows.
 DERIVED = {
     "ops": {"floor_fraction": "of floor", "gbps": "GB/s", "speedup_vs_eager": "×eager",
@@ -42,15 +38,13 @@ CHARTED = {
     "layer": ("speedup_vs_compile", "× torch.compile of the standard layer", "compile"),
     "model": ("images_per_s", "images/s (higher is better)", None),
 }
-# The rows that are baselines, given no derived line.
-BASELINES = ("copy", "eager", "compile")
+BASELINES = ("copy", "eager", "compile")  # given no derived line
 
 
 def summarize(fields: dict, timed: dict[tuple, list[Measurement]], ratios: dict) -> list[dict]:
-    """One row per ``(impl, gradient path)`` from its rounds' measurements: ``fields``, the median
-    of the round medians, the median IQR, the samples, each round's median, the metadata of the
-    last round, and per ``ratios`` entry ``name: baseline`` the baseline's median (on the same
-    path) over this one (``None`` when the baseline did not run)."""
+    """One row per ``(impl, gradient path)`` from its rounds' measurements (docs/performance.md):
+    the metadata of the last round; per ``ratios`` entry ``name: baseline`` the baseline's median
+    on the same path over this one (``None`` when the baseline did not run)."""
     medians = {key: statistics.median(m.median for m in ms) * 1e3 for key, ms in timed.items()}
     rows = []
     for (impl, path), ms in timed.items():
@@ -58,9 +52,8 @@ def summarize(fields: dict, timed: dict[tuple, list[Measurement]], ratios: dict)
                      "iqr_ms": statistics.median(m.iqr for m in ms) * 1e3,
                      "repeats": sum(len(m.times) for m in ms),
                      "round_ms": [m.median * 1e3 for m in ms], **ms[-1].metadata})
-        for name, base in ratios.items():
-            got = medians.get((base, path))
-            rows[-1][name] = None if got is None else got / medians[impl, path]
+        rows[-1].update({name: medians[base, path] / medians[impl, path]
+                         if (base, path) in medians else None for name, base in ratios.items()})
     return rows
 
 
@@ -69,14 +62,13 @@ def labels(kind: str, row: dict) -> tuple[str, str]:
     if kind == "model":
         return (f"{row['model']} at {row['resolution']}px, {row['dtype']}",
                 f"{row['mode']}, B={row['batch']}")
-    what = "attention layer" if kind == "layer" else f"{row.get('op', 'separable')} attention"
+    what = "attention layer" if kind == "layer" else f"{row['op']} attention"
     grads = f" ({row['grads']})" if row.get("grads") else ""
     return f"{what}, {row['dtype']}, {row['pass']}", row["shape"] + grads
 
 
 def render(rows: list[dict], kind: str, threads: int) -> str:
-    """Per table, the Compare of its rows' median times, then the derived figures of its
-    non-baseline rows."""
+    """Per table, the Compare of its rows' medians, then the derived figures of its other rows."""
     tables: dict[str, list[dict]] = {}
     for r in rows:
         tables.setdefault(labels(kind, r)[0], []).append(r)
@@ -91,11 +83,8 @@ def render(rows: list[dict], kind: str, threads: int) -> str:
         compare.trim_significant_figures()
         lines.append(str(compare).rstrip())
         for r in got:
-            figures = [
-                f"{r[k]:.0%} {name}" if k == "attention_share" else f"{r[k]:.3g} {name}"
-                for k, name in DERIVED[kind].items()
-                if r.get(k) is not None
-            ]
+            figures = [f"{r[k]:.0%} {name}" if k == "attention_share" else f"{r[k]:.3g} {name}"
+                       for k, name in DERIVED[kind].items() if r.get(k) is not None]
             if figures and (kind == "model" or r["impl"] not in BASELINES):
                 lines.append(f"  {labels(kind, r)[1]}  {r['impl']}: {', '.join(figures)}")
         lines.append("")
@@ -107,69 +96,60 @@ def plot(doc: dict, path: str | os.PathLike) -> None:
     impl, of the kind's charted figure (log scale, with a line at its baseline's 1.0)."""
     from matplotlib.figure import Figure  # no pyplot: no display or global state needed
 
-    kind, rows = doc["kind"], doc["rows"]
+    kind, env = doc["kind"], doc["environment"]
     field, ylabel, baseline = CHARTED[kind]
     panels: dict[str, dict[str, dict[str, float]]] = {}
-    for r in rows:
-        table, line = labels(kind, r)
+    for r in doc["rows"]:
         if r.get(field) and r["impl"] != baseline:
+            table, line = labels(kind, r)
             panels.setdefault(table, {}).setdefault(line, {})[r["impl"]] = r[field]
     impls = list(dict.fromkeys(i for p in panels.values() for got in p.values() for i in got))
+    n, width = max(len(panels), 1), 0.8 / max(len(impls), 1)
     widest = max((len(p) for p in panels.values()), default=1)
-    fig = Figure(figsize=(max(8, 0.3 * widest * len(impls) + 3), 4 * max(len(panels), 1)),
-                 layout="constrained")
-    axes = fig.subplots(max(len(panels), 1), 1, squeeze=False)[:, 0]
-    width = 0.8 / max(len(impls), 1)
-    for ax, (table, lines) in zip(axes, panels.items(), strict=False):
+    fig = Figure(figsize=(max(8, 0.3 * widest * len(impls) + 3), 4 * n), layout="constrained")
+    axes = fig.subplots(n, 1, squeeze=False)[:, 0]
+    for ax, (table, lines) in zip(axes, panels.items(), strict=False):  # no rows: one empty panel
         for k, impl in enumerate(impls):
-            xs = [x for x, got in enumerate(lines.values()) if impl in got]
-            ys = [got[impl] for got in lines.values() if impl in got]
-            ax.bar([x + (k - (len(impls) - 1) / 2) * width for x in xs], ys, width, label=impl)
+            bars = [(x + (k - (len(impls) - 1) / 2) * width, got[impl])
+                    for x, got in enumerate(lines.values()) if impl in got]
+            ax.bar([x for x, _ in bars], [y for _, y in bars], width, label=impl)
         if baseline:
             ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label=baseline)
             ax.set_yscale("log")
-        ax.set_title(table)
-        ax.set_ylabel(ylabel)
+        ax.set(title=table, ylabel=ylabel)
         ax.set_xticks(range(len(lines)), list(lines), rotation=60, ha="right", fontsize=7)
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    env = doc["environment"]
     fig.suptitle(f"mvit2-bench {kind}: {env['device_name']} ({env['device']}), "
                  f"{env['threads']} threads, torch {env['torch']}")
     fig.savefig(path, dpi=110)
 
 
 def _version(module: str) -> str | None:
-    try:
+    with contextlib.suppress(Exception):  # absent or broken: recorded as missing, never fatal
         return __import__(module).__version__
-    except Exception:  # absent or broken: recorded as missing, never fatal
-        return None
+    return None
 
 
 def _cpu_name() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str | None:
     """The checkout's commit when the package runs from a git working tree (editable install)."""
     root = Path(__file__).resolve().parents[2]
-    if (root / ".git").exists():
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if (root / ".git").exists():
             return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
                                   capture_output=True, text=True, timeout=10).stdout.strip() or None
     return None
 
 
 def describe(device: str) -> dict[str, Any]:
-    """The ``environment`` object: the machine, its threads and the versions of everything timed."""
-    from .. import __version__, available_backends
-
     gpu = torch.cuda.get_device_properties(0) if device == "cuda" else None
     return {
         "device": device, "device_name": gpu.name if gpu else _cpu_name(),
@@ -187,7 +167,6 @@ def describe(device: str) -> dict[str, Any]:
 
 def document(kind: str, argv: Sequence[str], env: dict, settings: dict, rows: list[dict],
              skipped: list[dict]) -> dict[str, Any]:
-    """The top-level JSON object of one run."""
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"schema_version": SCHEMA_VERSION, "kind": kind, "created": created,
             "command": shlex.join(["mvit2-bench", *argv]), "environment": env,
@@ -195,20 +174,17 @@ def document(kind: str, argv: Sequence[str], env: dict, settings: dict, rows: li
 
 
 def write_json(path: str | os.PathLike, doc: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def load(path: str | os.PathLike) -> dict:
-    """A result document; ``ValueError`` if it is not one of this schema version. Rows written
-    before the additive op was timed have no ``op``: they are separable."""
+    """A result document; ``ValueError`` if it is not one of this schema version."""
     doc = json.loads(Path(path).read_text())
     if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: not an mvit2-bench result of schema_version {SCHEMA_VERSION}")
-    if doc.get("kind") not in KINDS:
-        raise ValueError(f"{path}: kind must be one of {KINDS}, got {doc.get('kind')!r}")
-    if doc["kind"] == "ops":
-        for row in doc["rows"]:
-            row.setdefault("op", "separable")
+    if doc.get("kind") not in DERIVED:
+        raise ValueError(f"{path}: kind must be one of {tuple(DERIVED)}, got {doc.get('kind')!r}")
+    for row in doc["rows"] if doc["kind"] == "ops" else ():
+        row.setdefault("op", "separable")  # rows from before the additive op was timed
     return doc

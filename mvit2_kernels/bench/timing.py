@@ -1,41 +1,47 @@
 """Timing with the established tools: ``torch.utils.benchmark.Timer`` on a CPU,
 ``triton.testing.do_bench`` on a GPU, both giving a ``torch.utils.benchmark.Measurement``.
 
-What is ours is the input rotation: a measured callable cycles through several input sets
-(:func:`rotating`) whose total outgrows the last-level cache (:func:`rotation_count`), so that a
-memory-bound kernel is not flattered by inputs left hot by its previous call.
+What is ours is the input rotation: a measured callable cycles through input sets whose total
+outgrows the last-level cache, so that a memory-bound kernel is not flattered by inputs left hot
+by its previous call.
 """
 
 from __future__ import annotations
 
-import gc
+import importlib.util
 import itertools
 import math
 import time
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.benchmark import Measurement, Timer
 from torch.utils.benchmark.utils.common import TaskSpec
 
-__all__ = ["Budget", "last_level_cache_bytes", "measure", "rotating", "rotation_count",
-           "time_each", "timer_name"]
+
+class Budget(NamedTuple):
+    """How long to warm up and time one callable (``--quick``: :data:`QUICK`)."""
+
+    warmup_s: float = 0.2
+    min_run_time_s: float = 0.5
+    min_repeats: int = 7  # least number of samples, even for a slow call
 
 
-@dataclass(frozen=True)
-class Budget:
-    """How long to warm up and time one callable."""
+QUICK = Budget(0.02, 0.05, 3)
 
-    warmup_s: float
-    min_run_time_s: float
-    min_repeats: int  # least number of samples, even for a slow call
 
-    @classmethod
-    def of(cls, quick: bool) -> Budget:
-        return cls(0.02, 0.05, 3) if quick else cls(0.2, 0.5, 7)
+class Kind(NamedTuple):
+    """What the runner (``cli._run``) needs of a kind of benchmark: a group (shape, dtype, pass;
+    a model case) is timed as its ``jobs``, each by the ``build(impl, path)`` that ``prepare``
+    returns, and gives rows of its ``fields``, the ``ratios`` and what ``finish`` adds."""
+
+    fields: Callable[[Any], dict]
+    prepare: Callable[..., Callable]  # (group, device, budget, **options) -> build
+    ratios: dict[str, str]  # name -> baseline impl
+    jobs: Callable[[Any, list[str]], list[tuple]] = lambda _, impls: [(i, None) for i in impls]
+    finish: Callable[[Any, list[dict], dict], None] = lambda *_: None  # (group, rows, timed)
 
 
 def last_level_cache_bytes(device: str) -> int:
@@ -62,19 +68,18 @@ def rotating(fn: Callable[..., Any], sets: Sequence[tuple]) -> Callable[[], Any]
     return lambda: fn(*next(cycle))
 
 
-def _do_bench() -> Callable | None:
-    try:
+def _do_bench(device: str) -> Callable | None:
+    if device == "cuda" and importlib.util.find_spec("triton"):
         from triton.testing import do_bench
-    except ImportError:
-        return None
-    return do_bench
+
+        return do_bench
+    return None
 
 
 def timer_name(device: str) -> str:
     """The tool :func:`measure` times with on ``device`` (recorded in the JSON settings)."""
-    if device == "cuda" and _do_bench() is not None:
-        return "triton.testing.do_bench"
-    return "torch.utils.benchmark.Timer.blocked_autorange"
+    return ("triton.testing.do_bench" if _do_bench(device)
+            else "torch.utils.benchmark.Timer.blocked_autorange")
 
 
 def measure(fn: Callable[[], Any], device: str, budget: Budget, **metadata: Any) -> Measurement:
@@ -90,7 +95,7 @@ def measure(fn: Callable[[], Any], device: str, budget: Budget, **metadata: Any)
         calls += 1
     # A slow call still gets min_repeats samples (blocks on a CPU, calls on a GPU).
     run_time = max(budget.min_run_time_s, budget.min_repeats * (time.perf_counter() - last) * 1.05)
-    threads, do_bench = torch.get_num_threads(), _do_bench() if device == "cuda" else None
+    threads, do_bench = torch.get_num_threads(), _do_bench(device)
     if do_bench is not None:  # do_bench also flushes the L2 before every call
         times = do_bench(fn, warmup=1, rep=run_time * 1e3, return_mode="all")
         m = Measurement(1, [t * 1e-3 for t in times], TaskSpec("fn()", "pass", num_threads=threads))
@@ -106,25 +111,3 @@ def measure(fn: Callable[[], Any], device: str, budget: Budget, **metadata: Any)
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     m.metadata = {**metadata, "peak_mib": peak}
     return m
-
-
-def time_each(jobs: Sequence[tuple[Hashable, Callable[[], tuple[Callable, dict]]]], device: str,
-              budget: Budget, tick: Callable[[], Any]) -> dict[Hashable, list]:
-    """Per job ``(key, build)``, in order, measure the callable ``build()`` returns with its
-    metadata. A job that fails (a missing backend, a failed compile, out of memory) gives its
-    exception instead, reported rather than fatal. Returns ``key -> [result, ...]`` (a key may
-    come back in several rounds); ``tick()`` after each job."""
-    out: dict[Hashable, list] = {}
-    for key, build in jobs:
-        try:
-            fn, metadata = build()
-            got = measure(fn, device, budget, **metadata)
-        except Exception as e:
-            got = e
-        out.setdefault(key, []).append(got)
-        fn = None
-        gc.collect()  # this job's buffers, graphs and saved activations go before the next
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        tick()
-    return out
