@@ -88,8 +88,11 @@ class SeparableLayerFunction(torch.autograd.Function):
             grads = _layer_backward(grad_out.contiguous(), x, w_qkv, b_qkv, w_out, s, xbar,
                                     attn_ctx, v, y, ctx.backend)
         d_x, d_wqkv, d_bqkv, d_wout, d_bout = grads
-        d_x, d_wqkv, d_wout = differentiable_once(
-            "separable_attention_layer", (grad_out, x, w_qkv, w_out), (d_x, d_wqkv, d_wout))
+        # Every gradient the kernels computed is tied to the inputs (d_bout = Σ grad_out is
+        # autograd's own, and differentiates correctly).
+        d_x, d_wqkv, d_bqkv, d_wout = differentiable_once(
+            "separable_attention_layer", (grad_out, x, w_qkv, w_out),
+            (d_x, d_wqkv, d_bqkv, d_wout))
         d_bqkv = d_bqkv if ctx.has_bias[0] else None
         d_bout = d_bout if ctx.has_bias[1] else None
         return d_x, d_wqkv, d_bqkv, d_wout, d_bout, None
