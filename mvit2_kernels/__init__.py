@@ -12,7 +12,7 @@
 - ``available_backends()``: what runs on this machine; ``reference``: the plain-PyTorch maths.
 """
 
-from . import compile_workarounds, export, models  # noqa: F401  (export: ONNX decompositions)
+from . import compile_workarounds, models
 from .backends import available_backends
 from .layer import separable_attention_layer
 from .models import fuse_

@@ -9,6 +9,9 @@ small so that the module stays within about two minutes; ``slow`` covers the rel
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -24,6 +27,7 @@ from mvit2_kernels.export import (
     decompositions,
     export_program,
     fused_ops,
+    onnx_decompositions,
     to_onnx,
 )
 from mvit2_kernels.models import mobilevitv2, mobilevitv2_deeplabv3, swiftformer_xs
@@ -112,8 +116,39 @@ def test_decompositions_cover_every_op_but_the_in_place_one():
     assert names == built - {"separable_layer_project_input_backward"}
     forward = {op._opname for op in decompositions()}
     assert forward == {n for n in names if n.endswith("_forward")}
-    # registered where torch.onnx.export looks for decompositions
-    assert all(op in torch._decomp.decomposition_table for op in decompositions())
+
+
+def _registered_mvit2_ops():
+    return [op for op in torch._decomp.decomposition_table
+            if getattr(op, "namespace", None) == "mvit2"]
+
+
+def test_importing_mvit2_kernels_registers_no_decomposition():
+    """FakeTensor reads ``torch._decomp.decomposition_table`` before our fake kernels whenever
+    shapes are symbolic: an entry there would run the reference maths as the fake kernel of
+    every dynamic ``torch.compile``/``torch.export``. A fresh process, so that nothing this
+    session did can hide it."""
+    code = ("import torch, mvit2_kernels, mvit2_kernels.export, mvit2_kernels.kernels\n"
+            "print(sorted(str(op) for op in torch._decomp.decomposition_table\n"
+            "             if getattr(op, 'namespace', None) == 'mvit2'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+@needs_cpu_kernels
+def test_onnx_decompositions_lends_the_table_for_the_block_only():
+    assert _registered_mvit2_ops() == []
+    with onnx_decompositions() as added:
+        assert set(added) == set(decompositions())  # where torch.onnx.export looks
+        assert set(_registered_mvit2_ops()) == set(decompositions())
+        with onnx_decompositions() as inner:  # nested: adds nothing, removes nothing
+            assert inner == {}
+        assert set(_registered_mvit2_ops()) == set(decompositions())
+    assert _registered_mvit2_ops() == []
+    with pytest.raises(RuntimeError, match="boom"), onnx_decompositions():
+        raise RuntimeError("boom")
+    assert _registered_mvit2_ops() == []  # removed on an exception too
 
 
 class _Tokens(nn.Module):
@@ -212,11 +247,13 @@ def test_onnx_parity_mismatch_fails_loudly(tmp_path):
 
 
 def _onnx_export_and_check(model, image_size, batches=(1, 3), channels=3):
-    """Plain ``torch.onnx.export`` with a dynamic batch at an example batch of 2; standard ONNX;
-    ONNX Runtime equal to eager at each of ``batches``. Returns the worst relative error."""
+    """Plain ``torch.onnx.export`` (in ``onnx_decompositions()``, the one documented extra call)
+    with a dynamic batch at an example batch of 2; standard ONNX; ONNX Runtime equal to eager at
+    each of ``batches``. Returns the worst relative error."""
     x = torch.randn(2, channels, image_size, image_size)
-    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False,
-                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with onnx_decompositions():
+        program = torch.onnx.export(model, (x,), dynamo=True, verbose=False,
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
     check_standard_onnx(program.model_proto)
     return max(check_onnx(program, model, (torch.randn(b, channels, image_size, image_size),),
                           rtol=RTOL) for b in batches)
@@ -280,7 +317,8 @@ def test_onnx_export_of_fused_transformers_models(name):
 def test_transformers_onnx_export_test_on_a_fused_model(model_class, dynamic):
     """The essence of transformers' ``ExportTesterMixin.test_onnx_export`` for MobileViTV2 (its
     model tester's configuration and inputs, its exporter, its runtime, its tolerances), on the
-    model after ``fuse_``: before the decompositions, it failed for every model class."""
+    model after ``fuse_``, inside ``onnx_decompositions()``: without them it fails for every
+    model class."""
     _onnx()
     pytest.importorskip("transformers.exporters.exporter_onnx")
     from transformers.exporters.configs import OnnxConfig
@@ -293,8 +331,8 @@ def test_transformers_onnx_export_test_on_a_fused_model(model_class, dynamic):
     inputs = {"pixel_values": torch.rand(2, 3, 64, 64)}
     with torch.no_grad():
         expected = get_leaf_tensors(model(**inputs))
-    exported = OnnxExporter().export(model, inputs,
-                                     config=OnnxConfig(dynamic=dynamic))
+    with onnx_decompositions():
+        exported = OnnxExporter().export(model, inputs, config=OnnxConfig(dynamic=dynamic))
     actual = get_leaf_tensors(exported(**inputs))  # run in ONNX Runtime
     assert set(actual) == set(expected)
     for key, value in expected.items():

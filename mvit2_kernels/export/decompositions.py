@@ -10,16 +10,22 @@ that a graph stays valid whichever outputs it reads.
     table = torch.export.default_decompositions()           # or down to core aten as well
     table.update(decompositions()); ep.run_decompositions(table)
 
-:func:`register_decompositions` (run when ``mvit2_kernels`` is imported) adds the forward ops'
-entries to ``torch._decomp.decomposition_table``, the table ``torch.onnx.export(...,
-dynamo=True)`` decomposes with: that is what makes ONNX export work without extra arguments.
-Inductor and ``torch.export``'s default table do not read it, so ``torch.compile`` and
-AOTInductor keep calling the fused kernels.
+    with onnx_decompositions():                             # for a plain torch.onnx.export
+        torch.onnx.export(model, (x,), dynamo=True)
+
+Nothing is registered globally at import. :func:`onnx_decompositions` puts the forward ops'
+entries into ``torch._decomp.decomposition_table`` (the table ``torch.onnx.export(...,
+dynamo=True)`` decomposes with) for the ``with`` block only, because that table is read
+elsewhere too: FakeTensor consults it before our ``register_fake`` kernels whenever shapes are
+symbolic (dynamic ``torch.compile``, ``torch.export`` with a dynamic batch, AOTInductor
+tracing), which would run this reference maths as the fake kernel on every op call, and
+DTensor's ``has_decomp`` reads it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +44,7 @@ from ..reference import (
     separable_layer_epilogue_forward_reference,
 )
 
-__all__ = ["decompositions", "register_decompositions"]
+__all__ = ["decompositions", "onnx_decompositions"]
 
 
 def _contiguous(*outputs: Tensor) -> tuple[Tensor, ...]:
@@ -166,9 +172,20 @@ def decompositions(*, backward: bool = False) -> dict[torch._ops.OpOverload, Cal
     return table
 
 
-def register_decompositions() -> None:
-    """Adds the forward ops' decompositions to ``torch._decomp.decomposition_table`` (where
-    missing), which ``torch.onnx.export(..., dynamo=True)`` reads. Idempotent."""
+@contextlib.contextmanager
+def onnx_decompositions() -> Iterator[dict[torch._ops.OpOverload, Callable]]:
+    """Within the ``with`` block, the forward ops' decompositions are in
+    ``torch._decomp.decomposition_table``, which ``torch.onnx.export(..., dynamo=True)`` (and
+    exporters built on it, such as transformers' ``OnnxExporter``) decompose with; on exit the
+    entries it added are removed. Entries already there are left alone, so blocks nest. The
+    table is process-global: do not trace or compile in another thread meanwhile.
+
+    Yields the entries it added."""
     table = torch._decomp.decomposition_table
-    for op, fn in decompositions().items():
-        table.setdefault(op, fn)
+    added = {op: fn for op, fn in decompositions().items() if op not in table}
+    table.update(added)
+    try:
+        yield added
+    finally:
+        for op in added:
+            table.pop(op, None)

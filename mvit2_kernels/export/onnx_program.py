@@ -1,10 +1,11 @@
 """ONNX export of fused models, checked in ONNX Runtime.
 
-``torch.onnx.export(model, (x,), dynamo=True)`` works on a fused model as it is: the fused ops
-are decomposed on the way (``decompositions.py``) into standard ONNX operators. :func:`to_onnx`
-is that call with what a deployment wants around it: a dynamic batch dimension, a graph that
-``onnx.checker`` accepts with no custom domain left, and outputs held against the eager model
-in ONNX Runtime. Needs ``onnx``, ``onnxscript`` and (to check) ``onnxruntime``:
+:func:`to_onnx` runs ``torch.export``, decomposes the fused ops into aten ops
+(``ep.run_decompositions(decompositions())``, no global table touched) and hands that program to
+``torch.onnx.export``, with what a deployment wants around it: a dynamic batch dimension, a graph
+that ``onnx.checker`` accepts with no custom domain left, and outputs held against the eager
+model in ONNX Runtime. A plain ``torch.onnx.export(model, (x,), dynamo=True)`` works inside
+``with onnx_decompositions():``. Needs ``onnx``, ``onnxscript`` and (to check) ``onnxruntime``:
 ``pip install "mvit2-kernels[export]"``.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .decompositions import register_decompositions
+from .decompositions import decompositions
 from .program import batch_dynamic_shapes, check_exportable, check_parity
 
 __all__ = ["check_onnx", "check_standard_onnx", "to_onnx"]
@@ -44,7 +45,8 @@ def to_onnx(
             ``dynamic_batch`` the batch B is dynamic and the example must have ``B >= 2``.
         path: where to save the ``.onnx`` file (weights inside), or None.
         check: run :func:`check_onnx` (ONNX Runtime against the eager model, within ``rtol``).
-        export_kwargs: passed to ``torch.onnx.export`` (``opset_version``, ``optimize``, ...).
+        export_kwargs: passed to ``torch.onnx.export`` (``opset_version``, ``optimize``, ...);
+            ``dynamic_shapes`` goes to ``torch.export`` instead of the batch one.
 
     Returns:
         The ``torch.onnx.ONNXProgram`` (``.model_proto``, ``.save(path)``).
@@ -55,11 +57,12 @@ def to_onnx(
     """
     args = (args,) if isinstance(args, Tensor) else tuple(args)
     check_exportable(model)
-    register_decompositions()  # again: Triton ops imported since mvit2_kernels was
     export_kwargs.setdefault("verbose", False)
-    if dynamic_batch:
-        export_kwargs.setdefault("dynamic_shapes", batch_dynamic_shapes(args))
-    program = torch.onnx.export(model, args, dynamo=True, **export_kwargs)
+    shapes = export_kwargs.pop("dynamic_shapes",
+                               batch_dynamic_shapes(args) if dynamic_batch else None)
+    ep = torch.export.export(model, args, dynamic_shapes=shapes)
+    ep = ep.run_decompositions(decompositions())  # our ops -> aten; the exporter does the rest
+    program = torch.onnx.export(ep, args, dynamo=True, **export_kwargs)
     check_standard_onnx(program.model_proto)
     if check:
         check_onnx(program, model, args, rtol=rtol)
