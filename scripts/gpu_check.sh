@@ -217,7 +217,9 @@ step_sanitize() {  # memcheck | racecheck
 
 step_tests() {
   cd "$work" || return 1
-  local args=(tests -k "$selection" -p gpu_check_pytest -p no:cacheprovider -q -rfEs)
+  # -m "slow or not slow": the slow tests explicitly, which CI (scripts/test.sh) deselects.
+  local args=(tests -k "$selection" -m "slow or not slow" -p gpu_check_pytest -p no:cacheprovider
+              -q -rfEs)
   if [[ "$dry" == 1 ]]; then
     # Pretend a CUDA device so that the [cuda-...] cases are collected too (collection only).
     GPU_CHECK_PRETEND_CUDA=1 "$PY" -m pytest "${args[@]}" --collect-only

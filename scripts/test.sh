@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole check, as CI runs it (.ci/run calls exactly this): install, lint, compile the CUDA
-# sources (nvcc, object files only: CI has no GPU), build the C++ library with CMake, run pytest.
+# sources (nvcc, object files only: CI has no GPU), build the C++ library with CMake, run pytest
+# without the tests marked slow (a later -m in "$@" overrides it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -30,6 +31,6 @@ if command -v cmake >/dev/null 2>&1; then
   rm -rf "$build"
 fi
 
-echo "[test] pytest"
-"$PY" -m pytest -q tests "$@"
+echo "[test] pytest (not slow: the slow tests run in scripts/gpu_check.sh)"
+"$PY" -m pytest -q tests -m "not slow" "$@"
 echo "[test] all passed in $((SECONDS - start)) s"

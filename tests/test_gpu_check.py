@@ -61,6 +61,15 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_at_once(tmp_path, nvidia
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
 
 
+def test_ci_deselects_the_slow_tests_and_the_gpu_check_selects_them():
+    """scripts/test.sh (CI, 2 cores) runs pytest with ``-m "not slow"`` before the caller's
+    arguments; scripts/gpu_check.sh names the slow tests explicitly, so that they run on a GPU."""
+    ci = [line for line in (ROOT / "scripts" / "test.sh").read_text().splitlines()
+          if "-m pytest" in line]
+    assert ci == ['"$PY" -m pytest -q tests -m "not slow" "$@"'], ci
+    assert '-m "slow or not slow"' in SCRIPT.read_text()
+
+
 def test_the_script_parses():
     done = subprocess.run([BASH, "-n", str(SCRIPT)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
