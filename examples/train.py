@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fused", action="store_true", help="run the unfused reference attention")
     p.add_argument("--backend", default="auto", help="backend of the fused ops (auto, cpu, ...)")
     p.add_argument("--swiftformer-variant", default="normalize", choices=["normalize", "softmax"])
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout in the blocks (MobileViTv2's dropout, SwiftFormer's drop_rate)")
     p.add_argument("--init", metavar="CHECKPOINT",
                    help="start from local weights (load_pretrained); the architecture is the "
                    "checkpoint's")
@@ -141,9 +143,11 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         return replace_head(model.train(), num_classes)
     family, size = args.model.split("-")
     if family == "mobilevitv2":
-        return mobilevitv2(float(size), num_classes, fused=fused, backend=args.backend)
+        return mobilevitv2(float(size), num_classes, fused=fused, backend=args.backend,
+                           dropout=args.dropout)
     build = getattr(swiftformer_module, f"swiftformer_{size}")
-    return build(num_classes, variant=args.swiftformer_variant, fused=fused, backend=args.backend)
+    return build(num_classes, variant=args.swiftformer_variant, fused=fused, backend=args.backend,
+                 drop_rate=args.dropout)
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
@@ -200,12 +204,20 @@ def warmup_cosine(warmup: int, total: int):
 
 
 @torch.no_grad()
+def loader_generator(*key: int) -> torch.Generator:
+    """A DataLoader's own generator, seeded from ``key`` (seed, epoch, rank): creating a loader's
+    iterator draws its workers' base seed from it, not from the global RNG, which dropout and
+    drop path draw from, so a resumed run sees the same random stream as an uninterrupted one."""
+    return torch.Generator().manual_seed(hash(key) % 2**63)  # ints' tuple hash: not salted
+
+
 def evaluate(model: nn.Module, val_set, args, rank: int, world: int, device, amp_dtype
              ) -> tuple[int, int]:
     """(correct, total) over the whole validation set; each rank takes every world-th image."""
     model.eval()
     loader = DataLoader(val_set, batch_size=2 * args.batch_size,
-                        sampler=range(rank, len(val_set), world), num_workers=args.workers)
+                        sampler=range(rank, len(val_set), world), num_workers=args.workers,
+                        generator=loader_generator(args.seed, -1, rank))
     counts = torch.zeros(2, dtype=torch.long, device=device)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
@@ -299,12 +311,12 @@ def train(args: argparse.Namespace) -> dict:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])  # --amp fp16 from a run without: empty
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointReadError(f"{ckpt_path!r} does not fit this model and options "
                                       f"(it was saved with --model {state['args'].get('model')}"
-                                      f"): {e}") from None
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+                                      f", --amp {state['args'].get('amp')}): {e}") from None
         step, history = state["step"], state["history"]
         if len(state["rng"]) == world:
             set_rng_state(state["rng"][rank])
@@ -344,7 +356,8 @@ def train(args: argparse.Namespace) -> dict:
         skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
         order = list(sampler)[skip * args.batch_size : steps_per_epoch * args.batch_size]
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order,
-                            num_workers=args.workers, drop_last=True)
+                            num_workers=args.workers, drop_last=True,
+                            generator=loader_generator(args.seed, epoch, rank))
         bar = tqdm(loader, total=steps_per_epoch, initial=skip, unit="step", leave=False,
                    desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=1,
                    disable=rank != 0 or args.no_progress)

@@ -53,13 +53,16 @@ def run(out: Path, data: Path, *extra: str) -> dict:
 
 
 def test_resumed_run_reaches_the_parameters_of_an_uninterrupted_one(tmp_path):
+    """With dropout, so that every step draws from the global RNG: a resume that shifts its
+    stream (a DataLoader iterator drawing its base seed from it, say) changes the weights."""
     data = folder(tmp_path / "data")
-    full = run(tmp_path / "a", data)
+    drop = ("--dropout", "0.2")
+    full = run(tmp_path / "a", data, *drop)
     assert full["step"] == 8  # 19 training images, batches of 4: 4 steps an epoch, 2 epochs
     expected = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
 
-    assert run(tmp_path / "b", data, "--max-steps", "5")["step"] == 5  # stops mid-epoch 2
-    assert run(tmp_path / "b", data, "--resume")["step"] == 8
+    assert run(tmp_path / "b", data, *drop, "--max-steps", "5")["step"] == 5  # mid-epoch 2
+    assert run(tmp_path / "b", data, *drop, "--resume")["step"] == 8
     got = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     for key in ("model", "optimizer"):
         a, r = expected[key], got[key]
@@ -71,6 +74,18 @@ def test_resumed_run_reaches_the_parameters_of_an_uninterrupted_one(tmp_path):
             assert torch.equal(a[k], r[k]), f"{key} {k} differs after resuming"
     assert got["history"]["loss"] == expected["history"]["loss"]
     assert got["scheduler"] == expected["scheduler"]
+
+
+def test_resuming_with_fp16_amp_from_a_run_without_is_one_clear_error(tmp_path, monkeypatch):
+    """The checkpoint's GradScaler state is empty (a disabled scaler); fp16 needs a GPU, so the
+    device check is lifted: the resume fails before any fp16 step."""
+    data = folder(tmp_path / "data")
+    run(tmp_path / "a", data, "--max-steps", "1")
+    monkeypatch.setattr(train, "check_options", lambda args, device: None)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "a", data, "--resume", "--amp", "fp16")
+    assert str(e.value).startswith("train.py: error: ") and "does not fit" in str(e.value)
+    assert "--amp off" in str(e.value), e.value
 
 
 def test_init_starts_from_a_checkpoint_through_load_pretrained(tmp_path):
