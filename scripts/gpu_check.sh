@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU verification in one call, within 8 minutes on an H100/H200: build the CUDA kernels
+# The whole GPU verification in one call, within 5.5 minutes on an H100/H200: build the CUDA kernels
 # for this GPU alone, compute-sanitizer memcheck and racecheck over one small case of each CUDA
 # kernel (scripts/gpu_sanitize_cases.py), every GPU test (CUDA and Triton, slow ones included),
 # then `mvit2-bench --quick` and `mvit2-bench layer --quick` on cuda.
@@ -7,8 +7,11 @@
 #   OUT=/path/to/folder bash scripts/gpu_check.sh        # on the GPU machine
 #   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh        # anywhere: the steps a CPU can do
 #
-# Every step runs under `timeout` and within an overall budget (GPU_CHECK_BUDGET_S, 470 s); a
-# failed step is recorded and the next one runs (the GPU steps are skipped if the build failed).
+# Every step runs under `timeout` and within an overall budget (GPU_CHECK_BUDGET_S, 330 s, so that
+# a rerun fits in a 15-minute device lease); a failed step is recorded and the next one runs (the
+# GPU steps are skipped if the build failed). Each step keeps time for those after it, so the tests
+# run even when the build and the sanitizers take their whole limits. Without ninja (torch then
+# compiles the .cu files one after another: minutes) it stops at once, before building.
 # The exit status is 0 only if every step passed. The last lines printed are the device and a
 # table of the steps (status, seconds) and the kernels' fractions of the copy floor.
 #
@@ -25,8 +28,10 @@
 # CPU benchmark whose JSON goes through the same summary. Without a GPU and without
 # GPU_CHECK_DRY_RUN=1 it says so in one line and exits 3 at once, building nothing.
 #
-# Other knobs: PYTHON (default python3), GPU_CHECK_TEST_WORKERS (pytest-xdist workers when
-# xdist is installed, default 8; 1 runs serially), GPU_CHECK_SELECT (the pytest -k expression),
+# Other knobs: PYTHON (default python3), GPU_CHECK_TEST_WORKERS (parallel pytest processes,
+# default 8: pytest-xdist workers where installed, else 7 processes over the test files, split by
+# file, plus one for the slow tests one after another; 1 runs serially), GPU_CHECK_SELECT (the
+# pytest -k expression),
 # GPU_CHECK_LIMIT_SCALE (an integer factor on every step's time limit, for a slow machine's
 # rehearsal; raise GPU_CHECK_BUDGET_S with it).
 # shellcheck disable=SC2329  # the step_* functions and cleanup are called by name ("step_$1", trap)
@@ -73,7 +78,7 @@ if [[ "$in_step" == 0 ]]; then
   trap cleanup EXIT
 fi
 mkdir -p "$work" && work="$(cd "$work" && pwd)"
-budget="${GPU_CHECK_BUDGET_S:-470}"
+budget="${GPU_CHECK_BUDGET_S:-330}"
 # Every test of a CUDA or Triton backend or marked gpu: test_cuda.py, test_triton*.py, the
 # [cuda-...] and [triton-...] cases of the shared tests; not this script's own (CPU) tests.
 selection="${GPU_CHECK_SELECT:-(cuda or triton or gpu) and not test_gpu_check}"
@@ -111,7 +116,7 @@ step() {
   } >>"$log"
   echo "[gpu_check] $name: started (limit ${limit} s, log $(basename "$log"))"
   local t0=$SECONDS rc
-  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  GPU_CHECK_STEP_LIMIT="$limit" timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
   rc=$?
   local dt=$((SECONDS - t0))
   echo "=== [$name] exit $rc after $dt s" >>"$log"
@@ -218,21 +223,76 @@ step_sanitize() {  # memcheck | racecheck
 step_tests() {
   cd "$work" || return 1
   # -m "slow or not slow": the slow tests explicitly, which CI (scripts/test.sh) deselects.
-  local args=(tests -k "$selection" -m "slow or not slow" -p gpu_check_pytest -p no:cacheprovider
-              -q -rfEs)
+  local args=(-k "$selection" -p gpu_check_pytest -p no:cacheprovider -q -rfEs)
   if [[ "$dry" == 1 ]]; then
     # Pretend a CUDA device so that the [cuda-...] cases are collected too (collection only).
-    GPU_CHECK_PRETEND_CUDA=1 "$PY" -m pytest "${args[@]}" --collect-only
+    GPU_CHECK_PRETEND_CUDA=1 "$PY" -m pytest tests "${args[@]}" -m "slow or not slow" --collect-only
     return
   fi
-  args+=(--junitxml="$out/tests.xml" --durations=15)
   "$PY" -c 'import pytest_timeout' 2>/dev/null && args+=(--timeout=240)
   local workers="${GPU_CHECK_TEST_WORKERS:-8}"
-  if ((workers > 1)) && "$PY" -c 'import xdist' 2>/dev/null; then
-    export GPU_CHECK_SLOW_GROUP=1
-    args+=(-n "$workers" --dist loadgroup)
+  export GPU_CHECK_SLOW_GROUP=1  # slow tests: one at a time, each giving its memory back
+  if ((workers <= 1)); then
+    "$PY" -m pytest tests "${args[@]}" -m "slow or not slow" --junitxml="$out/tests.xml" \
+      --durations=15
+  elif "$PY" -c 'import xdist' 2>/dev/null; then
+    "$PY" -m pytest tests "${args[@]}" -m "slow or not slow" --junitxml="$out/tests.xml" \
+      --durations=15 -n "$workers" --dist loadgroup
+  else
+    test_shards "$((workers - 1))" "${args[@]}"
   fi
-  "$PY" -m pytest "${args[@]}"
+}
+
+# test_shards N PYTEST_ARGS...: without pytest-xdist, N background pytest processes over the test
+# files (largest first, dealt round-robin) with -m "not slow", and one more for every slow test
+# in turn (tens of GB of GPU memory each: never two at once). Each stops 15 s before the step's
+# limit so that the logs and JUnit XMLs are merged into tests.log and tests.xml even then.
+test_shards() {
+  local n=$1 shards i j rc=0 status files pids=()
+  shift
+  shards="$(mktemp -d "$work/.shards.XXXXXX")"
+  local limit=$((${GPU_CHECK_STEP_LIMIT:-600} - 15))
+  mapfile -t files < <(ls -S tests/test_*.py)
+  for ((i = 0; i <= n; i++)); do
+    local part=() marks="not slow"
+    if ((i == n)); then
+      part=(tests) marks="slow"
+    else
+      for ((j = i; j < ${#files[@]}; j += n)); do part+=("${files[$j]}"); done
+    fi
+    timeout --kill-after=5 "$limit" "$PY" -m pytest "${part[@]}" "$@" -m "$marks" \
+      --junitxml="$shards/$i.xml" >"$shards/$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    status=$?
+    echo "=== shard $i ($([[ $i == "$n" ]] && echo slow || echo 'not slow')): exit $status"
+    cat "$shards/$i.log"
+    ((status == 0 || status == 5)) || rc=1  # 5: the shard's files hold no selected test
+  done
+  "$PY" - "$out/tests.xml" "$shards"/*.xml <<'EOF' || rc=1
+import sys
+import xml.etree.ElementTree as ET
+
+merged = ET.Element("testsuites")
+totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+for path in sys.argv[2:]:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        continue  # a shard killed before it wrote its XML: its log says so
+    for suite in root.iter("testsuite"):
+        merged.append(suite)
+        for key in totals:
+            totals[key] += int(suite.get(key, 0))
+ET.ElementTree(merged).write(sys.argv[1], encoding="utf-8", xml_declaration=True)
+ok = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
+print(f"tests ({len(sys.argv) - 2} shards): {ok} passed, {totals['failures']} failed, "
+      f"{totals['errors']} errors, {totals['skipped']} skipped")
+EOF
+  rm -rf "$shards"
+  return "$rc"
 }
 
 step_bench() {  # ops | layer
@@ -288,13 +348,20 @@ export GPU_CHECK_ARCH
 echo "arch: ${GPU_CHECK_ARCH:-none (dry run)}" >>"$dev_log"
 
 built=1
-step build 180 0 "$out/build.log" "$BASH" "$self" --step build || built=0
+if ! "$PY" -c 'from torch.utils.cpp_extension import is_ninja_available as n; raise SystemExit(not n())' 2>/dev/null; then
+  echo "ninja not found: torch would compile the .cu files one after another (minutes); pip install ninja" >>"$out/build.log"
+  record ninja "FAIL (not found)" 0
+  built=0
+fi
+# Limits and reserves (seconds kept for the steps after): with the build and both sanitizers at
+# their limits (5 + 120 + 35 + 35 s), the tests still get 90 s and the benchmarks 45 s of 330.
+((built)) && { step build 120 140 "$out/build.log" "$BASH" "$self" --step build || built=0; }
 for what in memcheck racecheck tests bench-ops bench-layer; do
   case "$what" in
-    memcheck | racecheck) limit=75 reserve=0 log="$out/sanitizer.log" args=(sanitize "$what") ;;
-    tests) limit=200 reserve=120 log="$out/tests.log" args=(tests) ;;  # keep 2 min for the benches
-    bench-ops) limit=75 reserve=0 log="$out/bench.log" args=(bench ops) ;;
-    bench-layer) limit=90 reserve=0 log="$out/bench.log" args=(bench layer) ;;
+    memcheck | racecheck) limit=35 reserve=135 log="$out/sanitizer.log" args=(sanitize "$what") ;;
+    tests) limit=140 reserve=45 log="$out/tests.log" args=(tests) ;;
+    bench-ops) limit=25 reserve=20 log="$out/bench.log" args=(bench ops) ;;
+    bench-layer) limit=20 reserve=0 log="$out/bench.log" args=(bench layer) ;;
   esac
   if ((built)); then
     step "$what" "$limit" "$reserve" "$log" "$BASH" "$self" --step "${args[@]}"
@@ -311,7 +378,7 @@ done
   if [[ "$dry" == 1 ]]; then
     echo "selection (pytest -k \"$selection\"): $(grep -E '^[0-9]+(/[0-9]+)? tests? collected' "$out/tests.log" | tail -1)"
   else
-    echo "tests: $(grep -E '(passed|failed|error)' "$out/tests.log" 2>/dev/null | tail -1)"
+    echo "tests: $(grep -E '(passed|failed|error)' "$out/tests.log" 2>/dev/null | grep -v '^=== ' | tail -1)"
   fi
   echo
   printf '%-12s %-28s %7s\n' step status seconds

