@@ -3,7 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/narrow.h>
 #include <c10/util/Exception.h>
+
+#include <tuple>
 
 namespace mvit2 {
 
@@ -48,6 +51,17 @@ inline void check_separable_attention_backward_inputs(const at::Tensor& grad_y,
                    ctx.scalar_type());
   TORCH_CHECK_VALUE(ctx.device() == k.device(), "ctx must be on ", k.device());
   MVIT2_CHECK_SHAPE(ctx, B, C, P, 1);
+}
+
+// qkv: [B, 1 + 2C, P, N] with an odd channel count >= 3 (the 1x1 convolution's output), split
+// along dim 1 into the views q [B, 1, P, N], k and v [B, C, P, N]: no copies.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv(const at::Tensor& qkv) {
+  TORCH_CHECK_VALUE(qkv.dim() == 4 && qkv.size(1) >= 3 && qkv.size(1) % 2 == 1,
+                    "qkv must be [B, 1 + 2C, P, N] with an odd channel count >= 3, got shape ",
+                    qkv.sizes());
+  MVIT2_CHECK_FLOAT(qkv);
+  const int64_t C = (qkv.size(1) - 1) / 2;
+  return {at::narrow(qkv, 1, 0, 1), at::narrow(qkv, 1, 1, C), at::narrow(qkv, 1, 1 + C, C)};
 }
 
 // The kernels index the N axis with unit stride and everything else with the given strides, so

@@ -9,6 +9,11 @@ TORCH_LIBRARY(mvit2, m) {
   m.def(
       "separable_attention_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor ctx)"
       " -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The same on the channel views of qkv [B, 1 + 2C, P, N] (q, k, v = qkv.split([1, C, C], 1)):
+  // the backward writes dq, dk, dv into one contiguous dqkv shaped like qkv.
+  m.def("separable_attention_qkv_forward(Tensor qkv) -> (Tensor y, Tensor ctx)");
+  m.def(
+      "separable_attention_qkv_backward(Tensor grad_y, Tensor qkv, Tensor ctx) -> Tensor dqkv");
   // SwiftFormer: (out, qn) = (G * kn, qn) with variant "normalize" or "softmax"; g = G [B, D] and
   // a_norm = ||a|| over N [B] are kept (float32, or float64) for the backward.
   m.def(

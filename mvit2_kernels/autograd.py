@@ -68,6 +68,20 @@ def _separable_attention(bwd: Callable):
     return setup, backward
 
 
+def _separable_attention_qkv(bwd: Callable):
+    def setup(ctx, inputs, output):
+        (qkv,) = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(qkv, output[1])
+
+    def backward(ctx, grad_y, _grad_ctx):
+        qkv, attn_ctx = ctx.saved_tensors
+        dqkv = bwd(grad_y, qkv, attn_ctx)
+        return differentiable_once("separable_attention_qkv", (grad_y, qkv), (dqkv,))
+
+    return setup, backward
+
+
 def _additive_attention(bwd: Callable):
     def setup(ctx, inputs, output):
         q, k, w_g, ctx.variant = inputs
@@ -143,6 +157,7 @@ def _layer_project(bwd: Callable):
 
 _FORMULAS = {
     "separable_attention": _separable_attention,
+    "separable_attention_qkv": _separable_attention_qkv,
     "additive_attention": _additive_attention,
     "separable_layer_context": _layer_context,
     "separable_layer_epilogue": _layer_epilogue,

@@ -100,6 +100,8 @@ void separable_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k
 
 // Pass 1 per (batch, channel block): dv, dctx from (grad_y, v); dk and the block's partial
 // ds[P, N] from k. Pass 2 per row: ds summed over blocks in a fixed order, then dq.
+// dq, dk, dv are written with their strides (unit stride along N): separate contiguous tensors,
+// or the channel views of one dqkv [B, 1 + 2C, P, N] (separable_attention_qkv_backward).
 template <typename scalar_t>
 void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& q,
                                          const at::Tensor& k, const at::Tensor& v,
@@ -116,13 +118,15 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
   const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();
   const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();
   const acc_t* ctx_ptr = ctx.const_data_ptr<acc_t>();
-  scalar_t* dq_ptr = dq.mutable_data_ptr<scalar_t>();  // contiguous [B, 1, P, N]
-  scalar_t* dk_ptr = dk.mutable_data_ptr<scalar_t>();  // contiguous [B, C, P, N]
+  scalar_t* dq_ptr = dq.mutable_data_ptr<scalar_t>();
+  scalar_t* dk_ptr = dk.mutable_data_ptr<scalar_t>();
   scalar_t* dv_ptr = dv.mutable_data_ptr<scalar_t>();
   const int64_t gs0 = g.stride(0), gs1 = g.stride(1), gs2 = g.stride(2);
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const int64_t xs0 = ctx.stride(0), xs1 = ctx.stride(1), xs2 = ctx.stride(2);
+  const int64_t dks0 = dk.stride(0), dks1 = dk.stride(1), dks2 = dk.stride(2);
+  const int64_t dvs0 = dv.stride(0), dvs1 = dv.stride(1), dvs2 = dv.stride(2);
   const bool stream = dk.nbytes() >= kStreamingStoreBytes;
   // Per (batch, block): partial ds[P, N] and partial sum_c dctx * ctx [P].
   // Left uninitialised (each task zeroes its own slice): a std::vector would add a pass.
@@ -146,32 +150,35 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
           const scalar_t* gc = g_ptr + b * gs0 + c * gs1 + p * gs2;
           const scalar_t* kc = k_ptr + b * ks0 + c * ks1 + p * ks2;
           const scalar_t* vc = v_ptr + b * vs0 + c * vs1 + p * vs2;
-          const int64_t out = ((b * C + c) * P + p) * N;
+          scalar_t* dkc = dk_ptr + b * dks0 + c * dks1 + p * dks2;
+          scalar_t* dvc = dv_ptr + b * dvs0 + c * dvs1 + p * dvs2;
           const acc_t cx = ctx_ptr[b * xs0 + c * xs1 + p * xs2];
           // dv = v <= 0 ? 0 : g * ctx, autograd's relu backward (a select: 0 * inf stays 0, and
           // NaN v passes the gradient); dctx = sum_n g * relu(v).
           const Vec vcx(cx), zero(acc_t(0));
-          const bool st = stream && aligned_to(dk_ptr + out, IO::kStreamAlign);  // dv: same offset
+          // Each row start on its own: in one dqkv, dk and dv rows are C*P*N elements apart.
+          const bool st_v = stream && aligned_to(dvc, IO::kStreamAlign);
+          const bool st_k = stream && aligned_to(dkc, IO::kStreamAlign);
           Vec vdctx(acc_t(0));
           for (int64_t n = 0; n < Nv; n += W) {
             const Vec gn = IO::load(gc + n), vn = IO::load(vc + n);
-            IO::put(st, dv_ptr + out + n, Vec::blendv(gn * vcx, zero, vn <= zero));
+            IO::put(st_v, dvc + n, Vec::blendv(gn * vcx, zero, vn <= zero));
             vdctx = at::vec::fmadd(gn, at::vec::maximum(vn, zero), vdctx);
           }
           acc_t dctx = vec_sum<acc_t>(vdctx);
           for (int64_t n = Nv; n < N; ++n) {
             const acc_t gn = static_cast<acc_t>(gc[n]), vn = static_cast<acc_t>(vc[n]);
-            dv_ptr[out + n] = static_cast<scalar_t>(vn <= acc_t(0) ? acc_t(0) : gn * cx);
+            dvc[n] = static_cast<scalar_t>(vn <= acc_t(0) ? acc_t(0) : gn * cx);
             dctx += gn * relu(vn);
           }
           // dk = dctx * s; ds += dctx * k.
           const Vec vd(dctx);
           for (int64_t n = 0; n < Nv; n += W) {
-            IO::put(st, dk_ptr + out + n, vd * Vec::loadu(sp + n));
+            IO::put(st_k, dkc + n, vd * Vec::loadu(sp + n));
             at::vec::fmadd(vd, IO::load(kc + n), Vec::loadu(dsp + n)).store(dsp + n);
           }
           for (int64_t n = Nv; n < N; ++n) {
-            dk_ptr[out + n] = static_cast<scalar_t>(dctx * sp[n]);
+            dkc[n] = static_cast<scalar_t>(dctx * sp[n]);
             dsp[n] += dctx * static_cast<acc_t>(kc[n]);
           }
           dot[p] += dctx * cx;
@@ -196,10 +203,24 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
                       ds_part.get() + part * N, N);
         dot += dot_part[part];
       }
-      scalar_t* dqr = dq_ptr + row * N;
+      scalar_t* dqr = dq_ptr + b * dq.stride(0) + p * dq.stride(2);
       for (int64_t n = 0; n < N; ++n) dqr[n] = static_cast<scalar_t>(s[n] * (ds[n] - dot));
     }
   });
+}
+
+// The backward into dq, dk, dv: unit stride along N, any other strides.
+void backward_into(const at::Tensor& grad_y_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                   const at::Tensor& v_in, const at::Tensor& ctx, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv) {
+  const at::Tensor g = unit_last_stride(grad_y_in), q = unit_last_stride(q_in),
+                   k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  if (dq.numel() == 0 && dk.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),
+                                  "separable_attention_backward_cpu", [&] {
+                                    separable_attention_backward_kernel<scalar_t>(g, q, k, v, ctx,
+                                                                                  dq, dk, dv);
+                                  });
 }
 
 }  // namespace
@@ -222,26 +243,39 @@ std::tuple<at::Tensor, at::Tensor> separable_attention_forward_cpu(const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_attention_backward_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& ctx) {
-  check_separable_attention_backward_inputs(grad_y_in, q_in, k_in, v_in, ctx);
-  const at::Tensor g = unit_last_stride(grad_y_in), q = unit_last_stride(q_in),
-                   k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+    const at::Tensor& grad_y, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& ctx) {
+  check_separable_attention_backward_inputs(grad_y, q, k, v, ctx);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),
-                                  "separable_attention_backward_cpu", [&] {
-                                    separable_attention_backward_kernel<scalar_t>(g, q, k, v, ctx,
-                                                                                  dq, dk, dv);
-                                  });
+  backward_into(grad_y, q, k, v, ctx, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+// The same kernels on the channel views of one qkv [B, 1 + 2C, P, N]: the forward reads them in
+// place, and the backward writes dq, dk, dv into the views of one contiguous dqkv, so autograd
+// has no split backward to concatenate.
+std::tuple<at::Tensor, at::Tensor> separable_attention_qkv_forward_cpu(const at::Tensor& qkv) {
+  const auto [q, k, v] = split_qkv(qkv);
+  return separable_attention_forward_cpu(q, k, v);
+}
+
+at::Tensor separable_attention_qkv_backward_cpu(const at::Tensor& grad_y, const at::Tensor& qkv,
+                                                const at::Tensor& ctx) {
+  const auto [q, k, v] = split_qkv(qkv);
+  check_separable_attention_backward_inputs(grad_y, q, k, v, ctx);
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  auto [dq, dk, dv] = split_qkv(dqkv);
+  backward_into(grad_y, q, k, v, ctx, dq, dk, dv);
+  return dqkv;
 }
 
 TORCH_LIBRARY_IMPL(mvit2, CPU, m) {
   m.impl("separable_attention_forward", &separable_attention_forward_cpu);
   m.impl("separable_attention_backward", &separable_attention_backward_cpu);
+  m.impl("separable_attention_qkv_forward", &separable_attention_qkv_forward_cpu);
+  m.impl("separable_attention_qkv_backward", &separable_attention_qkv_backward_cpu);
 }
 
 }  // namespace mvit2

@@ -367,6 +367,22 @@ void launch_backward(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The backward into dq, dk, dv: unit stride along N, any other strides (the vector width
+// follows the outputs' alignment too).
+void backward_into(const at::Tensor& grad_y_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                   const at::Tensor& v_in, const at::Tensor& ctx, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv) {
+  const at::Tensor g = unit_last_stride(grad_y_in), q = unit_last_stride(q_in),
+                   k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  if (dq.numel() == 0 && dk.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, k.scalar_type(), "separable_attention_backward_cuda", [&] {
+        with_vector_width<scalar_t>(k.size(3), {&g, &q, &k, &v, &dk, &dv}, [&](auto w) {
+          launch_backward<scalar_t, decltype(w)::value>(g, q, k, v, ctx, dq, dk, dv);
+        });
+      });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> separable_attention_forward_cuda(const at::Tensor& q_in,
@@ -390,29 +406,40 @@ std::tuple<at::Tensor, at::Tensor> separable_attention_forward_cuda(const at::Te
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_attention_backward_cuda(
-    const at::Tensor& grad_y_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& ctx) {
-  check_separable_attention_backward_inputs(grad_y_in, q_in, k_in, v_in, ctx);
-  const c10::cuda::CUDAGuard guard(k_in.device());
-  const at::Tensor g = unit_last_stride(grad_y_in), q = unit_last_stride(q_in),
-                   k = unit_last_stride(k_in), v = unit_last_stride(v_in);
-  const int64_t N = k.size(3);
+    const at::Tensor& grad_y, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& ctx) {
+  check_separable_attention_backward_inputs(grad_y, q, k, v, ctx);
+  const c10::cuda::CUDAGuard guard(k.device());
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, k.scalar_type(), "separable_attention_backward_cuda", [&] {
-        with_vector_width<scalar_t>(N, {&g, &q, &k, &v, &dk, &dv}, [&](auto w) {
-          launch_backward<scalar_t, decltype(w)::value>(g, q, k, v, ctx, dq, dk, dv);
-        });
-      });
+  backward_into(grad_y, q, k, v, ctx, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+// The same kernels on the channel views of one qkv [B, 1 + 2C, P, N], as on CPU: the backward
+// writes dq, dk, dv into the views of one contiguous dqkv (the kernels take output strides).
+std::tuple<at::Tensor, at::Tensor> separable_attention_qkv_forward_cuda(const at::Tensor& qkv) {
+  const auto [q, k, v] = split_qkv(qkv);
+  return separable_attention_forward_cuda(q, k, v);
+}
+
+at::Tensor separable_attention_qkv_backward_cuda(const at::Tensor& grad_y, const at::Tensor& qkv,
+                                                 const at::Tensor& ctx) {
+  const auto [q, k, v] = split_qkv(qkv);
+  check_separable_attention_backward_inputs(grad_y, q, k, v, ctx);
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  auto [dq, dk, dv] = split_qkv(dqkv);
+  backward_into(grad_y, q, k, v, ctx, dq, dk, dv);
+  return dqkv;
 }
 
 TORCH_LIBRARY_IMPL(mvit2, CUDA, m) {
   m.impl("separable_attention_forward", &separable_attention_forward_cuda);
   m.impl("separable_attention_backward", &separable_attention_backward_cuda);
+  m.impl("separable_attention_qkv_forward", &separable_attention_qkv_forward_cuda);
+  m.impl("separable_attention_qkv_backward", &separable_attention_qkv_backward_cuda);
 }
 
 }  // namespace mvit2

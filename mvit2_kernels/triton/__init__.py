@@ -7,7 +7,12 @@ without triton still import ``mvit2_kernels``.
 
 from ..autograd import register_autograd
 from .additive_attention import additive_attention_backward, additive_attention_forward
-from .separable_attention import separable_attention_backward, separable_attention_forward
+from .separable_attention import (
+    separable_attention_backward,
+    separable_attention_forward,
+    separable_attention_qkv_backward,
+    separable_attention_qkv_forward,
+)
 from .separable_layer import (
     separable_layer_context_backward,
     separable_layer_context_forward,
@@ -18,6 +23,8 @@ from .separable_layer import (
 KERNELS = {
     "separable_attention_forward": separable_attention_forward,
     "separable_attention_backward": separable_attention_backward,
+    "separable_attention_qkv_forward": separable_attention_qkv_forward,
+    "separable_attention_qkv_backward": separable_attention_qkv_backward,
     "additive_attention_forward": additive_attention_forward,
     "additive_attention_backward": additive_attention_backward,
     "separable_layer_context_forward": separable_layer_context_forward,
