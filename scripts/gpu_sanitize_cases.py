@@ -6,10 +6,12 @@
 Every op of csrc/cuda (``torch.ops.mvit2.*``) is called directly, forward then backward, at small
 shapes that still reach each kernel's paths: odd N in float32 (scalar loads), N a multiple of 8 in
 bfloat16 (16-byte vectors), several channel tiles per row (few rows) and one tile per row (B·P of
-512), q/k/v as views of one qkv tensor. Inputs are made on the CPU and copied over, so the only
-kernels on the device are ours (and the fills and copies inside the ops). Each result is checked
-against the float64 reference (``mvit2_kernels.reference``) loosely: the sanitizer looks for bad
-memory accesses and races; the test suite judges the numbers.
+512), q/k/v as views of one qkv tensor; for the layer's context kernels also their fused path with
+several d slots (B·P = 512, D = 70) and their split path (B·P = 4, D = 128), in both dtypes.
+Inputs are made on the CPU and copied over, so the only kernels on the device are ours (and the
+fills and copies inside the ops). Each result is checked against the float64 reference
+(``mvit2_kernels.reference``) loosely: the sanitizer looks for bad memory accesses and races; the
+test suite judges the numbers.
 
 Run it with ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (scripts/gpu_check.sh does): every tensor is then
 its own allocation, so memcheck sees an access past a tensor's end instead of inside the
@@ -42,8 +44,13 @@ OPS = (
 SEPARABLE = [(torch.float32, (2, 40, 4, 37)), (torch.bfloat16, (1, 24, 2, 64)),
              (torch.float32, (128, 3, 4, 5))]
 ADDITIVE = [(torch.float32, (2, 37, 20)), (torch.bfloat16, (2, 64, 48))]  # (B, N, D)
+# (B, D = C, P, N). The last four: the context kernels' fused path with several d slots per lane
+# group (B·P = 512 rows, D = 70) and their split path (B·P = 4: each row's channels over several
+# blocks; W = 8 in bfloat16), which the shapes above do not reach.
 LAYER = [(torch.float32, (2, 12, 4, 37)), (torch.bfloat16, (1, 24, 2, 64)),
-         (torch.float32, (128, 3, 4, 5))]  # (B, D = C, P, N)
+         (torch.float32, (128, 3, 4, 5)),
+         (torch.float32, (128, 70, 4, 64)), (torch.bfloat16, (128, 70, 4, 64)),
+         (torch.float32, (1, 128, 4, 256)), (torch.bfloat16, (1, 128, 4, 256))]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 

@@ -185,6 +185,27 @@ def test_many_channels_and_few_patches_match_the_reference(dtype, backend, poiso
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(128, 70, 4, 64), (1, 128, 4, 256)], ids=str)
+def test_context_launch_paths_match_the_reference(shape, dtype, backend, poison_empty):
+    """The CUDA context kernels' launches (csrc/cuda/separable_layer.cu): B·P = 512 rows with
+    D = 70, more channels than a block has lane groups, takes the fused path with several d slots
+    per group; B·P = 4 splits each row's channels over blocks (the split kernels, W = 8 in bf16).
+    Other backends: two more shapes against the reference (small under Triton's interpreter).
+    dw_q sums B·P·N = 32,768 products per channel: a kernel's sum in another order may differ
+    from the reference's by up to twice the reference's own rounding (against float64)."""
+    if backend == "triton" and INTERPRETED:
+        shape = (2, *sized_for(backend, shape)[1:])
+    x, w_q, s, xbar = context_inputs(shape, dtype, device_of(backend))
+    grad_xbar = grad_xbar_for(xbar)
+    args = (grad_xbar, x, w_q, s, xbar)
+    dw_q = reference.separable_layer_context_backward_reference(*args)[1].double()
+    dw_q64 = reference.separable_layer_context_backward_reference(*(t.double() for t in args))[1]
+    check_context(backend, x, w_q, s, xbar, grad_xbar,
+                  dw_q_atol=2 * (dw_q - dw_q64).abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", EMPTY_SHAPES)
 def test_empty_dims_give_the_reference_results(shape, backend, poison_empty):
     """N = 0: x̄, dw_q and dctx are empty sums, 0. D = 0: every score is 0, so s = 1/N. The
