@@ -20,6 +20,7 @@ __all__ = [
     "check_float_like",
     "check_layer_inputs",
     "check_separable_inputs",
+    "check_separable_qkv_input",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,6 +64,17 @@ def check_separable_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"v must have shape [B, C, P, N] = {list(k.shape)} like k, got {list(v.shape)}"
         )
+
+
+def check_separable_qkv_input(qkv: Tensor) -> int:
+    """docs/design.md §5 for the packed input ``qkv: [B, 1 + 2C, P, N]``; returns C."""
+    check_float_like({"qkv": qkv}, like="qkv")
+    if qkv.dim() != 4 or qkv.shape[1] < 3 or qkv.shape[1] % 2 == 0:
+        raise ValueError(
+            "qkv must be a 4-D tensor [B, 1 + 2C, P, N] with an odd channel count >= 3 "
+            f"(q, k, v = qkv.split([1, C, C], dim=1)), got shape {list(qkv.shape)}"
+        )
+    return (qkv.shape[1] - 1) // 2
 
 
 def check_additive_inputs(q: Tensor, k: Tensor, w_g: Tensor, variant: str) -> None:

@@ -23,6 +23,8 @@ __all__ = ["OPS", "kernel"]
 OPS = (
     "separable_attention_forward",
     "separable_attention_backward",
+    "separable_attention_qkv_forward",
+    "separable_attention_qkv_backward",
     "additive_attention_forward",
     "additive_attention_backward",
     "separable_layer_context_forward",

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from .layer import separable_attention_layer
-from .ops import additive_attention, separable_attention
+from .ops import additive_attention, separable_attention_qkv
 from .reference import additive_attention_reference, separable_attention_reference
 
 __all__ = ["EfficientAdditiveAttention", "SeparableAttention"]
@@ -42,7 +42,7 @@ class SeparableAttention(nn.Module):
             keys (:func:`~mvit2_kernels.separable_attention_layer`), whenever both projections
             are plain 1×1 convolutions without hooks (else it runs as ``"kernel"``);
             ``"kernel"`` runs the two projections as the modules they are around the fused op
-            :func:`~mvit2_kernels.separable_attention`; ``False`` runs the reference
+            :func:`~mvit2_kernels.separable_attention_qkv`; ``False`` runs the reference
             :func:`~mvit2_kernels.reference.separable_attention_reference` between them.
             The parameters and the state dict are the same in all three.
         backend: passed to the fused functions (``"auto"``, ``"cpu"``, ...).
@@ -92,12 +92,14 @@ class SeparableAttention(nn.Module):
                 return self.proj_drop(separable_attention_layer(
                     x, qkv.weight, qkv.bias, out.weight, out.bias, backend=self.backend))
         qkv = self.qkv_proj(x)
-        # Views into qkv, no copies: the kernels read strided q/k/v in place (docs/design.md §3).
+        if self.fused and not dropout:
+            # The op reads the q/k/v channels of qkv in place and writes its gradient as one
+            # tensor, with no split backward to concatenate (docs/design.md §1, the packed op).
+            y = separable_attention_qkv(qkv, backend=self.backend)
+            return self.proj_drop(self.out_proj(y))
         q, k, v = qkv.split([1, self.embed_dim, self.embed_dim], dim=1)
         if dropout:
             y = self._attend_with_dropout(q, k, v)
-        elif self.fused:
-            y = separable_attention(q, k, v, backend=self.backend)
         else:
             y = separable_attention_reference(q, k, v)
         return self.proj_drop(self.out_proj(y))

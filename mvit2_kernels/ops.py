@@ -4,6 +4,8 @@ Every backend implements the same two ops (schemas in ``csrc/ops.cpp``):
 
     separable_attention_forward(q, k, v) -> (y, ctx)
     separable_attention_backward(grad_y, q, k, v, ctx) -> (dq, dk, dv)
+    separable_attention_qkv_forward(qkv) -> (y, ctx)
+    separable_attention_qkv_backward(grad_y, qkv, ctx) -> dqkv
 
 The C++ kernels are ``torch.ops.mvit2.*`` (CPU and CUDA dispatch keys); Triton's are
 ``torch.ops.mvit2.*_triton`` (``mvit2_kernels/triton``). Both carry fake kernels, so
@@ -23,11 +25,12 @@ from .checks import (
     autocast_off,
     check_additive_inputs,
     check_separable_inputs,
+    check_separable_qkv_input,
 )
 from .kernels import kernel
 from .reference import additive_attention_reference, separable_attention_reference
 
-__all__ = ["additive_attention", "separable_attention"]
+__all__ = ["additive_attention", "separable_attention", "separable_attention_qkv"]
 
 
 def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto") -> Tensor:
@@ -64,6 +67,46 @@ if backends.compiled():  # the schemas exist: give them fake kernels
     @torch.library.register_fake("mvit2::separable_attention_backward")
     def _(grad_y: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: Tensor):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def separable_attention_qkv(qkv: Tensor, *, backend: str = "auto") -> Tensor:
+    """:func:`separable_attention` on ``q, k, v = qkv.split([1, C, C], dim=1)``, with one
+    gradient for qkv.
+
+    The forward reads the three channel views in place, as :func:`separable_attention` does;
+    the backward writes dq, dk and dv straight into one contiguous ``dqkv``, where autograd
+    through the split would concatenate them into a new tensor (one more pass over the data).
+
+    Args:
+        qkv: ``Tensor[B, 1 + 2C, P, N]``, the output of ``qkv_proj`` (an odd channel count >= 3).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        ``Tensor[B, C, P, N]`` in the input dtype (fp16/bf16 are accumulated in float32).
+
+    Differentiable once with respect to qkv; double backward raises.
+    """
+    (qkv,) = autocast_inputs(qkv)
+    C = check_separable_qkv_input(qkv)
+    backend = backends.resolve_backend(backend, qkv.device)
+    with autocast_off(qkv.device):
+        if backend == "reference":
+            return separable_attention_reference(*qkv.split([1, C, C], dim=1))
+        return kernel("separable_attention_qkv_forward", backend)(qkv)[0]
+
+
+if backends.compiled():
+
+    @torch.library.register_fake("mvit2::separable_attention_qkv_forward")
+    def _(qkv: Tensor) -> tuple[Tensor, Tensor]:
+        B, C3, P, N = qkv.shape
+        C = (C3 - 1) // 2
+        return (qkv.new_empty((B, C, P, N)),
+                qkv.new_empty((B, C, P, 1), dtype=acc_dtype(qkv.dtype)))
+
+    @torch.library.register_fake("mvit2::separable_attention_qkv_backward")
+    def _(grad_y: Tensor, qkv: Tensor, ctx: Tensor) -> Tensor:
+        return qkv.new_empty(qkv.shape)  # contiguous, whatever qkv's strides
 
 
 # --- Efficient additive attention (SwiftFormer), docs/design.md §2 --------------------------------

@@ -83,7 +83,7 @@ class PathCounter:
 
     def __init__(self) -> None:
         self.counts = {"layer": 0, "kernel": 0}
-        self.layer, self.op = mnn.separable_attention_layer, mnn.separable_attention
+        self.layer, self.op = mnn.separable_attention_layer, mnn.separable_attention_qkv
 
     def __enter__(self):
         def layer(*a, **k):
@@ -94,11 +94,11 @@ class PathCounter:
             self.counts["kernel"] += 1
             return self.op(*a, **k)
 
-        mnn.separable_attention_layer, mnn.separable_attention = layer, op
+        mnn.separable_attention_layer, mnn.separable_attention_qkv = layer, op
         return self.counts
 
     def __exit__(self, *exc):
-        mnn.separable_attention_layer, mnn.separable_attention = self.layer, self.op
+        mnn.separable_attention_layer, mnn.separable_attention_qkv = self.layer, self.op
 
 
 def shard(model: nn.Module, wrap: str) -> nn.Module:

@@ -77,20 +77,19 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(m, (x,))
 
 
-def test_q_k_v_are_views_of_one_projection_and_backend_is_passed(monkeypatch):
+def test_the_qkv_projection_goes_to_the_op_whole_and_backend_is_passed(monkeypatch):
     seen = {}
 
-    def spy(q, k, v, *, backend):
-        seen.update(q=q, k=k, v=v, backend=backend)
+    def spy(qkv, *, backend):
+        seen.update(qkv=qkv, backend=backend)
+        q, k, v = qkv.split([1, 4, 4], dim=1)
         return torch.relu(v) * (k * torch.softmax(q, -1)).sum(-1, keepdim=True)
 
-    monkeypatch.setattr(mnn, "separable_attention", spy)
+    monkeypatch.setattr(mnn, "separable_attention_qkv", spy)
     m = make(4, backend="reference", fused="kernel")
     m(torch.randn(2, 4, 4, 6))
     assert seen["backend"] == "reference"
-    storage = seen["q"].untyped_storage().data_ptr()
-    assert all(seen[n].untyped_storage().data_ptr() == storage for n in "kv")
-    assert (seen["q"].shape[1], seen["k"].shape[1], seen["v"].shape[1]) == (1, 4, 4)
+    assert seen["qkv"].shape == (2, 1 + 2 * 4, 4, 6)
 
 
 def test_attn_dropout_in_training_runs_the_reference_with_dropout_on_the_weights(monkeypatch):
