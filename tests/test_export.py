@@ -177,7 +177,7 @@ def test_run_decompositions_equals_the_reference(fused, variant):
     x = torch.randn(2, 8, 4, 9)
     program = export_program(model, (x,))
     expected = {True: ["separable_layer_context_forward", "separable_layer_project_forward"],
-                "kernel": ["separable_attention_forward"]}[fused]
+                "kernel": ["separable_attention_qkv_forward"]}[fused]
     assert fused_ops(program) == [f"mvit2.{n}" for n in expected] + [
         "mvit2.additive_attention_forward"]
     decomposed = program.run_decompositions(decompositions())
