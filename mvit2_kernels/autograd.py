@@ -145,11 +145,14 @@ def _layer_project(bwd: Callable):
         ops.separable_layer_project_input_backward(dx, dv, w_v)
         dw_v = ops.separable_layer_project_weight_backward(dv, x)
         dw_out = ops.separable_layer_project_weight_backward(grad_out, y)
-        db_v = dv.sum(dim=(0, 2, 3), dtype=dw_v.dtype) if ctx.has_bias[0] else None
+        # db_v sums the kernel's dv, so it is tied to the inputs like the others; db_out is
+        # autograd's own sum of grad_out, which differentiates correctly.
+        db_v = dv.sum(dim=(0, 2, 3), dtype=w_v.dtype)
         db_out = grad_out.sum(dim=(0, 2, 3), dtype=dw_out.dtype) if ctx.has_bias[1] else None
-        dx, dw_v, dctx, dw_out = differentiable_once(
+        dx, dw_v, db_v, dctx, dw_out = differentiable_once(
             "separable_layer_project", (grad_out, x, w_v, w_out),
-            (dx, _as(dw_v, w_v), dctx, _as(dw_out, w_out)))
+            (dx, _as(dw_v, w_v), db_v, dctx, _as(dw_out, w_out)))
+        db_v = db_v if ctx.has_bias[0] else None
         return dx, dw_v, _as(db_v, b_v), dctx, dw_out, _as(db_out, b_out), None
 
     return setup, backward
