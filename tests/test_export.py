@@ -111,10 +111,12 @@ def test_decompositions_equal_the_kernels(dtype):
 
 @needs_cpu_kernels
 def test_decompositions_cover_every_op_but_the_in_place_one():
-    names = {op._opname for op in decompositions(backward=True)}
+    # The C++ ops (the Triton twins join the table once triton/ is imported, as earlier tests do)
+    triton = {n for n in dir(OPS) if n.endswith("_triton")}
+    names = {op._opname for op in decompositions(backward=True)} - triton
     built = {n for n in mvit2_kernels.kernels.OPS if hasattr(OPS, n)}
     assert names == built - {"separable_layer_project_input_backward"}
-    forward = {op._opname for op in decompositions()}
+    forward = {op._opname for op in decompositions()} - triton
     assert forward == {n for n in names if n.endswith("_forward")}
 
 
