@@ -220,6 +220,9 @@ def test_input_sets_rotate_views_of_one_qkv_and_count_its_bytes_once():
     assert len(sets) == 20
     (qkv,), (g,) = sets[0]
     assert qkv.shape == (2, 17, 4, 16) and qkv.requires_grad and not g.requires_grad
+    # The packed entry point's forward: the qkv leaves themselves.
+    sets = kernels.input_sets(s, torch.float32, "cpu", False, cache=5 * qkv_bytes, packed=True)
+    assert len(sets) == 10 and [t.shape for t in sets[0]] == [(2, 17, 4, 16)]
 
 
 SMALL = {"separable": kernels.Shape("s", 2, 8, 4, 16),
@@ -235,9 +238,10 @@ def test_both_gradient_paths_give_the_gradient_of_the_reference(op):
     leaves, grads = tensors
     spec = kernels.OPS[op]
     want = torch.autograd.grad(spec.reference(*spec.inputs(*leaves)), leaves, grads)
-    for impl in ["eager", "compile", *kernels.kernel_backends("cpu")]:
-        fn = kernels.op_function(impl, op)
-        set_to_none, accumulate = (kernels.step(fn, op, path) for path in kernels.GRAD_PATHS)
+    for impl in ["eager", "compile", *kernels.fused_impls(kernels.kernel_backends("cpu"), [op])]:
+        fn, packed = kernels.op_function(impl, op), impl.endswith(kernels.PACKED)
+        set_to_none, accumulate = (kernels.step(fn, op, path, packed)
+                                   for path in kernels.GRAD_PATHS)
         set_to_none(*tensors)
         set_to_none(*tensors)  # again: still one step's gradient
         for t, w in zip(leaves, want, strict=True):
@@ -250,20 +254,22 @@ def test_both_gradient_paths_give_the_gradient_of_the_reference(op):
 def test_quick_run_prints_a_compare_table_per_op_and_pass(quick_run):
     stdout, doc, _ = quick_run
     lines = stdout.splitlines()
-    impls = ["copy", "eager", "compile", *kernels.kernel_backends("cpu")]
+    impls = {op: ["copy", "eager", "compile", *kernels.fused_impls(kernels.kernel_backends("cpu"),
+                                                                    [op])] for op in PATHS}
+    assert impls["separable"][-1] == kernels.kernel_backends("cpu")[-1] + "-qkv"
     for shape, op in OP_OF.items():
         for pass_ in kernels.PASSES:
             title = f"{op} attention, fp32, {pass_}"
             (at,) = [i for i, line in enumerate(lines) if f" {title} " in line]
             header, _, *table = lines[at + 1 : at + 6]
-            assert header.replace("|", " ").split() == impls
+            assert header.replace("|", " ").split() == impls[op]
             paths = [p for pass_of, p in PATHS[op] if pass_of == pass_]
             for path, row in zip(paths, table, strict=False):  # a line per gradient path
                 assert row.split("|")[0].split() == [shape, *([f"({path})"] if path else [])]
-                assert len(row.split("|")) == 1 + len(impls)
+                assert len(row.split("|")) == 1 + len(impls[op])
     for backend in kernels.kernel_backends("cpu"):  # a line of derived figures per kernel row
         assert f"{SHAPE}  {backend}: " in stdout and " of floor, " in stdout
-    assert len(doc["rows"]) == sum(len(paths) for paths in PATHS.values()) * len(impls)
+    assert len(doc["rows"]) == sum(len(PATHS[op]) * len(impls[op]) for op in PATHS)
 
 
 def test_json_follows_the_documented_schema(quick_run):
@@ -342,7 +348,8 @@ def test_an_impl_that_raises_is_skipped_not_fatal(tmp_path, monkeypatch, capsys)
     (skip,) = doc["skipped"]
     assert (skip["shape"], skip["impl"], skip["reason"]) == (
         SHAPE, "eager", "RuntimeError: broken on purpose")
-    assert [r["impl"] for r in doc["rows"]] == ["copy", *kernels.kernel_backends("cpu")]
+    assert [r["impl"] for r in doc["rows"]] == ["copy", *kernels.fused_impls(
+        kernels.kernel_backends("cpu"))]
     assert all(r["speedup_vs_eager"] is None for r in doc["rows"])
     assert "skipped eager at separable, " in capsys.readouterr().err
 

@@ -150,8 +150,9 @@ def _ops_plan(parser, args, device: str):
     present = kernels.kernel_backends(device)
     backends = _choose(parser, "--backend", args.backend, present, present,
                        f" is not available on {device}")
-    impls = ["copy", "eager", *([] if args.no_compile else ["compile"]), *backends]
     ops = [op for op in kernels.OPS if any(g[0].op == op for g in groups)]  # the ops that run
+    impls = ["copy", "eager", *([] if args.no_compile else ["compile"]),
+             *kernels.fused_impls(backends, ops)]
     settings = {"ops": ops, "additive_variant": kernels.ADDITIVE_VARIANT,
                 "grad_paths": {op: kernels.OPS[op].grad_paths for op in ops},
                 "grad_rounds": kernels.GRAD_ROUNDS, **settings}

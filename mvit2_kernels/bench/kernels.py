@@ -19,7 +19,7 @@ import torch
 from ..backends import available_backends
 from ..models.mobilevitv2 import WIDTHS, mobilevitv2_channels
 from ..models.swiftformer import CONFIGS as SWIFTFORMER
-from ..ops import additive_attention, separable_attention
+from ..ops import additive_attention, separable_attention, separable_attention_qkv
 from ..reference import additive_attention_reference, separable_attention_reference
 from .timing import Kind, last_level_cache_bytes, rotating, rotation_count
 
@@ -43,6 +43,11 @@ class Op(NamedTuple):
     outputs: Callable[[Shape], list[tuple[int, ...]]]  # output shapes, for output gradients
     moved: Callable[[Shape, bool], int]  # elements the op must read and write: the floor
     grad_paths: tuple[str, ...] = GRAD_PATHS
+    packed: Callable[..., Any] | None = None  # a kernel on the leaves themselves, if the op has one
+
+
+# The impl of a backend's packed entry point is the backend's name with this suffix.
+PACKED = "-qkv"
 
 
 OPS = {
@@ -57,6 +62,9 @@ OPS = {
         lambda qkv: qkv.split([1, qkv.shape[1] // 2, qkv.shape[1] // 2], dim=1),
         lambda s: [(s.batch, s.channels, s.pixels, s.patches)],
         lambda s, backward: (1 + 3 * s.channels + backward * (2 + 5 * s.channels)) * s.elements,
+        # separable_attention_qkv(qkv): its backward writes qkv's gradient in one tensor, where
+        # autograd would concatenate the views' three (fused="kernel" runs it).
+        packed=separable_attention_qkv,
     ),
     # q and k are separate contiguous [B, N, D] tensors, as to_query's and to_key's outputs are.
     # Forward reads q, k and writes G·kn and qn: 4·BND; the backward reads both output
@@ -178,6 +186,13 @@ def kernel_backends(device: str) -> list[str]:
     return [b for b in available_backends() if b in wanted]
 
 
+def fused_impls(backends: Sequence[str], ops: Sequence[str] = tuple(OPS)) -> list[str]:
+    """The fused impls timed for ``ops``: each backend, then each backend's packed entry point
+    where one of ``ops`` has one."""
+    packed = any(OPS[op].packed for op in ops)
+    return [*backends, *(b + PACKED for b in backends if packed)]
+
+
 def op_bytes(shape: Shape, dtype: torch.dtype, pass_: str) -> int:
     """Bytes the op must move at least: the copy floor's bytes."""
     return OPS[shape.op].moved(shape, pass_ != "forward") * dtype.itemsize
@@ -192,36 +207,41 @@ def op_function(impl: str, op: str) -> Callable[..., Any]:
         # hitting the recompile limit and silently falling back to eager.
         torch._dynamo.reset()
         return torch.compile(OPS[op].reference, dynamic=False)
+    if impl.endswith(PACKED):
+        return functools.partial(OPS[op].packed, backend=impl.removesuffix(PACKED))
     return functools.partial(OPS[op].kernel, backend=impl)
 
 
-def step(fn: Callable[..., Any], op: str, grads: str | None) -> Callable[..., Any]:
+def step(fn: Callable[..., Any], op: str, grads: str | None,
+         packed: bool = False) -> Callable[..., Any]:
     """``fn`` for a forward; with a gradient path, a training step on ``(leaves, output_grads)``:
-    the op's forward on inputs made of the leaves, ``backward()`` into the leaves' .grad."""
+    the op's forward on inputs made of the leaves (the leaves themselves if ``packed``),
+    ``backward()`` into the leaves' .grad."""
     if grads is None:
         return fn
+    inputs = (lambda *leaves: leaves) if packed else OPS[op].inputs
 
     def forward_backward(leaves: tuple[torch.Tensor, ...], out_grads: list[torch.Tensor]) -> None:
         if grads == "set_to_none":
             for t in leaves:
                 t.grad = None
-        out = fn(*OPS[op].inputs(*leaves))
+        out = fn(*inputs(*leaves))
         torch.autograd.backward(out if isinstance(out, tuple) else (out,), out_grads)
 
     return forward_backward
 
 
 def input_sets(shape: Shape, dtype: torch.dtype, device: str, backward: bool,
-               cache: int) -> list[tuple]:
+               cache: int, packed: bool = False) -> list[tuple]:
     """Enough independent sets to outgrow ``cache`` twice over: the op's inputs for a forward
-    (views of the leaves, made once), ``(leaves, output_grads)`` for a backward (counting the
-    leaves' .grad)."""
+    (views of the leaves, made once; the leaves if ``packed``), ``(leaves, output_grads)`` for a
+    backward (counting the leaves' .grad)."""
     spec = OPS[shape.op]
 
     def one():
         leaves = spec.leaves(shape, dtype, device)
         if not backward:
-            return spec.inputs(*leaves)
+            return leaves if packed else spec.inputs(*leaves)
         grads = [torch.randn(s, dtype=dtype, device=device) for s in spec.outputs(shape)]
         return tuple(t.requires_grad_() for t in leaves), grads
 
@@ -240,25 +260,30 @@ def copy_sets(nbytes: int, dtype: torch.dtype, device: str, cache: int) -> list:
 
 
 def jobs(group: tuple[Shape, str, str], impls: list[str]) -> list[tuple[str, str | None]]:
-    paths = OPS[group[0].op].grad_paths if group[2] != "forward" else (None,)
+    spec = OPS[group[0].op]
+    paths = spec.grad_paths if group[2] != "forward" else (None,)
     rounds = GRAD_ROUNDS if len(paths) > 1 else 1
+    impls = [i for i in impls if spec.packed or not i.endswith(PACKED)]
     return [(impl, path) for _ in range(rounds) for path in paths for impl in impls]
 
 
 def prepare(group: tuple[Shape, str, str], device: str, _budget) -> Callable:
     shape, dtype_name, pass_ = group
     dtype, cache = DTYPES[dtype_name], last_level_cache_bytes(device)
-    nbytes = op_bytes(shape, dtype, pass_)
-    sets = input_sets(shape, dtype, device, pass_ != "forward", cache)
+    nbytes, backward = op_bytes(shape, dtype, pass_), pass_ != "forward"
+    sets: dict[bool, list[tuple]] = {}  # a forward of the packed entry point takes the leaves
     fns: dict[str, Callable] = {}  # one compile per group, whatever the rounds
 
     def build(impl: str, path: str | None):
         if impl == "copy":
             impl_sets, fn = copy_sets(nbytes, dtype, device, cache), torch.Tensor.copy_
         else:
+            packed = impl.endswith(PACKED)
             if impl not in fns:
                 fns[impl] = op_function(impl, shape.op)
-            impl_sets, fn = sets, step(fns[impl], shape.op, path)
+            if (key := packed and not backward) not in sets:
+                sets[key] = input_sets(shape, dtype, device, backward, cache, key)
+            impl_sets, fn = sets[key], step(fns[impl], shape.op, path, packed)
         return rotating(fn, impl_sets), {"rotated_sets": len(impl_sets), "bytes": nbytes,
                                          "grads": path}
 
