@@ -79,6 +79,19 @@ def test_equals_the_op_on_the_split_views(backend, shape, dtype):
         assert torch.equal(dqkv, dqkv_split)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU kernels")
+def test_outputs_over_32_mib_equal_the_split_views():
+    """y (36 MB) and dqkv (72 MB) are each mapped for themselves, with huge-page advice on the
+    CPU (csrc/cpu/outputs.h): still every element as through the split, whose dk and dv are
+    allocated the same way."""
+    shape = (2, 1024, 4, 1100)
+    qkv = make(shape)
+    grad_y = randn(*shape, seed=1)
+    (y, dqkv), (y_split, dqkv_split) = packed_and_split(qkv, "cpu", grad_y)
+    assert y.nbytes > 32 << 20 and dqkv.nbytes > 32 << 20
+    assert torch.equal(y, y_split) and torch.equal(dqkv, dqkv_split)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_qkv_equals_the_split_views(layout, backend, poison_empty):

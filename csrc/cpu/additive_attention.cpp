@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../additive_attention_checks.h"
+#include "outputs.h"
 #include "row_ops.h"
 
 namespace mvit2 {
@@ -315,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_fo
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in);
   const int64_t B = k.size(0), D = k.size(2);
   const auto acc = k.options().dtype(acc_type(k.scalar_type()));
-  at::Tensor out = at::empty(k.sizes(), k.options()), qn = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_output(k.sizes(), k.options()), qn = empty_output(q.sizes(), q.options());
   at::Tensor g = at::empty({B, D}, acc), a_norm = at::empty({B}, acc);
   if (B == 0) return {out, qn, g, a_norm};
   if (D == 0) return {out, qn, g, a_norm.zero_()};  // every weight is an empty dot product: 0
@@ -335,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_attention_backward_cpu(
   const AdditiveVariant v = parse_additive_variant(variant);
   const at::Tensor go = unit_last_stride(grad_out_in), gq = unit_last_stride(grad_qn_in),
                    q = unit_last_stride(q_in), k = unit_last_stride(k_in);
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  at::Tensor dq = empty_output(q.sizes(), q.options()), dk = empty_output(k.sizes(), k.options());
   at::Tensor dw = at::empty({k.size(2), 1}, w_g.options());
   if (k.size(2) == 0) return {dq, dk, dw};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),

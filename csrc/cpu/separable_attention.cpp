@@ -14,6 +14,7 @@
 #include <memory>
 
 #include "../checks.h"
+#include "outputs.h"
 #include "row_ops.h"
 
 namespace mvit2 {
@@ -232,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> separable_attention_forward_cpu(const at::Ten
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in),
                    v = unit_last_stride(v_in);
   const int64_t B = k.size(0), C = k.size(1), P = k.size(2);
-  at::Tensor y = at::empty(k.sizes(), k.options());
+  at::Tensor y = empty_output(k.sizes(), k.options());
   at::Tensor ctx = at::empty({B, C, P, 1}, k.options().dtype(acc_type(k.scalar_type())));
   if (y.numel() == 0 && ctx.numel() == 0) return {y, ctx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),
@@ -246,9 +247,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_attention_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& ctx) {
   check_separable_attention_backward_inputs(grad_y, q, k, v, ctx);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dk = empty_output(k.sizes(), k.options());
+  at::Tensor dv = empty_output(v.sizes(), v.options());
   backward_into(grad_y, q, k, v, ctx, dq, dk, dv);
   return {dq, dk, dv};
 }
@@ -265,7 +266,7 @@ at::Tensor separable_attention_qkv_backward_cpu(const at::Tensor& grad_y, const 
                                                 const at::Tensor& ctx) {
   const auto [q, k, v] = split_qkv(qkv);
   check_separable_attention_backward_inputs(grad_y, q, k, v, ctx);
-  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  at::Tensor dqkv = empty_output(qkv.sizes(), qkv.options());
   auto [dq, dk, dv] = split_qkv(dqkv);
   backward_into(grad_y, q, k, v, ctx, dq, dk, dv);
   return dqkv;

@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "../separable_layer_checks.h"
+#include "outputs.h"
 #include "row_ops.h"
 
 namespace mvit2 {
@@ -324,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> separable_layer_context_backward_cpu(
     const at::Tensor& grad_xbar, const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& s,
     const at::Tensor& xbar) {
   check_layer_context_backward_inputs(grad_xbar, x, w_q, s, xbar);
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = empty_output(x.sizes(), x.options());
   at::Tensor dw_q = at::empty({x.size(1)}, s.options());
   if (dx.numel() == 0) return {dx, dw_q.zero_()};  // no (b, p, n) term: dw_q is an empty sum
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -337,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor> separable_layer_context_backward_cpu(
 
 at::Tensor separable_layer_epilogue_forward_cpu(const at::Tensor& v, const at::Tensor& ctx) {
   check_layer_epilogue_inputs(v, ctx);
-  at::Tensor y = at::empty(v.sizes(), v.options());
+  at::Tensor y = empty_output(v.sizes(), v.options());
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
                                   "separable_layer_epilogue_forward_cpu", [&] {
@@ -350,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> separable_layer_epilogue_backward_cpu(const a
                                                                          const at::Tensor& v,
                                                                          const at::Tensor& ctx) {
   check_layer_epilogue_backward_inputs(grad_y, v, ctx);
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dv = empty_output(v.sizes(), v.options());
   at::Tensor dctx = at::empty(ctx.sizes(), ctx.options());
   if (dv.numel() == 0) return {dv, dctx.zero_()};  // N = 0: dctx is an empty sum
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),

@@ -26,6 +26,7 @@
 #include "../separable_layer_checks.h"
 #include "gemm.h"
 #include "layer_tiles.h"
+#include "outputs.h"
 
 namespace mvit2 {
 namespace {
@@ -240,9 +241,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_layer_project_forward_c
   const int64_t D_out = w_out.size(0);
   MVIT2_CHECK_BIAS(b_out, x, D_out);
 
-  at::Tensor out = at::empty({B, D_out, P, N}, x.options());
+  at::Tensor out = empty_output({B, D_out, P, N}, x.options());
   const auto kept = keep ? std::vector<int64_t>{B, C, P, N} : std::vector<int64_t>{0};
-  at::Tensor v = at::empty(kept, x.options()), y = at::empty(kept, x.options());
+  at::Tensor v = empty_output(kept, x.options()), y = empty_output(kept, x.options());
   if (B * P * N == 0) return {out, v, y};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "separable_layer_project_forward_cpu", [&] {
@@ -262,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> separable_layer_project_backward_cpu(
   MVIT2_CHECK_SAME(grad_out, v);
   MVIT2_CHECK_SHAPE(grad_out, B, w_out.size(0), P, N);
 
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dv = empty_output(v.sizes(), v.options());
   if (B * C * P == 0 || N == 0) return {dv, at::zeros(ctx.sizes(), ctx.options())};
   at::Tensor dctx = at::empty(ctx.sizes(), ctx.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
