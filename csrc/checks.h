@@ -2,6 +2,7 @@
 // things first, with friendlier messages; these keep direct torch.ops calls safe).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/narrow.h>
 #include <c10/util/Exception.h>
@@ -36,6 +37,15 @@ inline void check_separable_attention_inputs(const at::Tensor& q, const at::Tens
   MVIT2_CHECK_SAME(v, k);
   MVIT2_CHECK_SHAPE(q, B, 1, P, N);
   MVIT2_CHECK_SHAPE(v, B, C, P, N);
+}
+
+// y of separable_attention_forward_out: where the forward op would put it, and not over an input.
+inline void check_separable_attention_out(const at::Tensor& y, const at::Tensor& q,
+                                          const at::Tensor& k, const at::Tensor& v) {
+  MVIT2_CHECK_SAME(y, k);
+  MVIT2_CHECK_SHAPE(y, k.size(0), k.size(1), k.size(2), k.size(3));
+  TORCH_CHECK_VALUE(y.is_contiguous(), "y must be contiguous");
+  for (const at::Tensor* input : {&q, &k, &v}) at::assert_no_overlap(y, *input);
 }
 
 inline void check_separable_attention_backward_inputs(const at::Tensor& grad_y,

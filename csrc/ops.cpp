@@ -6,6 +6,12 @@ TORCH_LIBRARY(mvit2, m) {
   // y = relu(v) * sum_n softmax_N(q) * k; ctx [B, C, P, 1] is kept (in float32, or float64) for
   // the backward.
   m.def("separable_attention_forward(Tensor q, Tensor k, Tensor v) -> (Tensor y, Tensor ctx)");
+  // The same into a preallocated y (contiguous [B, C, P, N], the dtype and device of k, sharing
+  // no memory with q, k, v), for inference loops: a fresh large output costs the page faults of
+  // its first write on every call. Not differentiable.
+  m.def(
+      "separable_attention_forward_out(Tensor q, Tensor k, Tensor v, Tensor(a!) y)"
+      " -> Tensor ctx");
   m.def(
       "separable_attention_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor ctx)"
       " -> (Tensor dq, Tensor dk, Tensor dv)");

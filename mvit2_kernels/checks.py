@@ -66,6 +66,43 @@ def check_separable_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def check_separable_out(out: Tensor, q: Tensor, k: Tensor, v: Tensor, name: str = "out") -> None:
+    """The preallocated output of the separable forward: contiguous ``[B, C, P, N]`` in k's dtype
+    and device, sharing no memory with q, k or v (the inputs already checked)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != k.dtype:
+        raise TypeError(f"{name} must have dtype {k.dtype} like k, got {out.dtype}")
+    if out.device != k.device:
+        raise ValueError(f"{name} must be on {k.device} like k, got {out.device}")
+    if out.shape != k.shape:
+        raise ValueError(f"{name} must have shape [B, C, P, N] = {list(k.shape)} like k, got "
+                         f"{list(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernels write it row by row)")
+    for input_name, t in (("q", q), ("k", k), ("v", v)):
+        if _byte_ranges_meet(out, t):
+            raise ValueError(f"{name} shares memory with {input_name}: the kernels read the "
+                             "inputs while they write it")
+
+
+def _byte_ranges_meet(a: Tensor, b: Tensor) -> bool:
+    """Whether the spans of memory a and b address meet (conservative for strided tensors);
+    False for tensors without memory (meta, fake: traced, where no kernel writes)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    try:
+        (a0, a1), (b0, b1) = span(a), span(b)
+    except RuntimeError:  # "Cannot access data pointer" of a functional tensor
+        return False
+    return a0 != 0 and b0 != 0 and a0 < b1 and b0 < a1  # fake tensors' pointers are null
+
+
 def check_separable_qkv_input(qkv: Tensor) -> int:
     """docs/design.md §5 for the packed input ``qkv: [B, 1 + 2C, P, N]``; returns C."""
     check_float_like({"qkv": qkv}, like="qkv")

@@ -22,6 +22,7 @@ __all__ = ["OPS", "kernel"]
 
 OPS = (
     "separable_attention_forward",
+    "separable_attention_forward_out",
     "separable_attention_backward",
     "separable_attention_qkv_forward",
     "separable_attention_qkv_backward",

@@ -1,8 +1,9 @@
 """The fused ops' public functions: input checks, autocast, backend choice; and fake kernels.
 
-Every backend implements the same two ops (schemas in ``csrc/ops.cpp``):
+Every backend implements the same ops (schemas in ``csrc/ops.cpp``):
 
     separable_attention_forward(q, k, v) -> (y, ctx)
+    separable_attention_forward_out(q, k, v, y!) -> ctx        (y written in place)
     separable_attention_backward(grad_y, q, k, v, ctx) -> (dq, dk, dv)
     separable_attention_qkv_forward(qkv) -> (y, ctx)
     separable_attention_qkv_backward(grad_y, qkv, ctx) -> dqkv
@@ -25,6 +26,7 @@ from .checks import (
     autocast_off,
     check_additive_inputs,
     check_separable_inputs,
+    check_separable_out,
     check_separable_qkv_input,
 )
 from .kernels import kernel
@@ -33,7 +35,8 @@ from .reference import additive_attention_reference, separable_attention_referen
 __all__ = ["additive_attention", "separable_attention", "separable_attention_qkv"]
 
 
-def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto") -> Tensor:
+def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto",
+                        out: Tensor | None = None) -> Tensor:
     """MobileViTv2 separable self-attention, fused: ``relu(v) * sum_n softmax_N(q) * k``.
 
     Args:
@@ -42,19 +45,36 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto
         v: ``Tensor[B, C, P, N]`` values. Views of one ``qkv`` tensor are read in place.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``
             (see :func:`mvit2_kernels.available_backends`).
+        out: for inference, a preallocated ``Tensor[B, C, P, N]`` to write the result into
+            (contiguous, in the inputs' dtype (under autocast: the autocast dtype) and device,
+            sharing no memory with them). Reusing one saves the page faults a fresh large
+            output costs on every call (docs/performance.md). Not differentiable: raises if
+            gradients are being recorded for q, k or v.
 
     Returns:
-        ``Tensor[B, C, P, N]`` in the input dtype (fp16/bf16 are accumulated in float32).
+        ``Tensor[B, C, P, N]`` in the input dtype (fp16/bf16 are accumulated in float32); ``out``
+        itself if given.
 
-    Differentiable once with respect to q, k and v; double backward raises.
+    Differentiable once with respect to q, k and v (without ``out``); double backward raises.
     """
     q, k, v = autocast_inputs(q, k, v)
     check_separable_inputs(q, k, v)
+    if out is not None:
+        check_separable_out(out, q, k, v)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, out)):
+            raise RuntimeError(
+                "separable_attention(out=...) does not record gradients, but one of q, k, v, "
+                "out requires grad: call it under torch.no_grad() or torch.inference_mode(), "
+                "or without out")
     backend = backends.resolve_backend(backend, q.device)
     with autocast_off(q.device):
         if backend == "reference":
-            return separable_attention_reference(q, k, v)
-        return kernel("separable_attention_forward", backend)(q, k, v)[0]
+            y = separable_attention_reference(q, k, v)
+            return y if out is None else out.copy_(y)
+        if out is None:
+            return kernel("separable_attention_forward", backend)(q, k, v)[0]
+        kernel("separable_attention_forward_out", backend)(q, k, v, out)
+        return out
 
 
 if backends.compiled():  # the schemas exist: give them fake kernels
@@ -63,6 +83,11 @@ if backends.compiled():  # the schemas exist: give them fake kernels
     def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         B, C, P, _ = k.shape
         return k.new_empty(k.shape), k.new_empty((B, C, P, 1), dtype=acc_dtype(k.dtype))
+
+    @torch.library.register_fake("mvit2::separable_attention_forward_out")
+    def _(q: Tensor, k: Tensor, v: Tensor, y: Tensor) -> Tensor:
+        B, C, P, _ = k.shape
+        return k.new_empty((B, C, P, 1), dtype=acc_dtype(k.dtype))
 
     @torch.library.register_fake("mvit2::separable_attention_backward")
     def _(grad_y: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: Tensor):

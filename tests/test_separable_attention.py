@@ -363,6 +363,82 @@ def test_opcheck_forward_and_backward(dtype, backend):
     torch.library.opcheck(bwd, (torch.randn_like(y), q, k, v, ctx))
 
 
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_receives_the_result_and_is_returned(dtype, backend):
+    """Under no_grad, ``out=`` gets the very values the op returns without it, twice in a row
+    (the second call overwrites the first's result), and is what the call returns; ctx of the
+    raw op into a preallocated y is the forward op's."""
+    device = device_of(backend) if backend != "reference" else "cpu"
+    q, k, v, _ = make_qkv((2, 17, 3, 65), dtype, device)
+    out = torch.full(k.shape, float("nan"), dtype=dtype, device=device)
+    with torch.no_grad():
+        want = separable_attention(q, k, v, backend=backend)
+        for _ in range(2):
+            got = separable_attention(q, k, v, backend=backend, out=out)
+            assert got is out
+            assert torch.equal(out, want)
+            q, k, v = (t.flip(-1) for t in (q, k, v))
+            want = separable_attention(q, k, v, backend=backend)
+    if backend != "reference":
+        y_out = torch.empty_like(out)
+        ctx = kernel("separable_attention_forward_out", backend)(q, k, v, y_out)
+        y, ctx_want = ops(backend)[0](q, k, v)
+        assert torch.equal(y_out, y) and torch.equal(ctx, ctx_want)
+
+
+@pytest.mark.parametrize(
+    ("make_out", "error", "match"),
+    [
+        (lambda k: torch.empty(k.shape[1:], device=k.device), ValueError,
+         r"out must have shape \[B, C, P, N\] = \[2, 3, 4, 5\] like k, got \[3, 4, 5\]"),
+        (lambda k: torch.empty(k.shape, dtype=torch.float64, device=k.device), TypeError,
+         "out must have dtype torch.float32 like k, got torch.float64"),
+        (lambda k: torch.empty(k.shape, device="meta"), ValueError, "out must be on"),
+        (lambda k: torch.empty(2, 3, 5, 4, device=k.device).transpose(2, 3), ValueError,
+         "out must be contiguous"),
+        (lambda k: k, ValueError, "out shares memory with k"),
+        (lambda k: k.tolist(), TypeError, "out must be a torch.Tensor, got list"),
+    ],
+)
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_bad_out_raises_naming_out(make_out, error, match, backend):
+    device = device_of(backend) if backend != "reference" else "cpu"
+    q, k, v, _ = make_qkv((2, 3, 4, 5), torch.float32, device, "separate")
+    with torch.no_grad(), pytest.raises(error, match=match):
+        separable_attention(q, k, v, backend=backend, out=make_out(k))
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_out_refuses_to_record_gradients(backend):
+    q, k, v = leaf_qkv((2, 3, 4, 5), torch.float32, "cpu" if backend == "reference"
+                       else device_of(backend))
+    with pytest.raises(RuntimeError, match=r"out=\.\.\.\) does not record gradients"):
+        separable_attention(q, k, v, backend=backend, out=torch.empty_like(k))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")])
+def test_the_raw_out_op_checks_y(backend):
+    """Direct ``torch.ops`` calls: the C++ checks name y."""
+    q, k, v, _ = make_qkv((2, 3, 4, 5), torch.float32, device_of(backend), "separate")
+    out_op = kernel("separable_attention_forward_out", backend)
+    with pytest.raises(ValueError, match=r"y must have shape \[2, 3, 4, 5\]"):
+        out_op(q, k, v, torch.empty(2, 3, 4, device=k.device))
+    with pytest.raises(ValueError, match="y must be contiguous"):
+        out_op(q, k, v, torch.empty(2, 3, 5, 4, device=k.device).transpose(2, 3))
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        out_op(q, k, v, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_out_op(backend):
+    q, k, v, _ = make_qkv((2, 17, 2, 65), torch.float32, device_of(backend), "separate")
+    kernel("separable_attention_forward_out", backend)  # registers the Triton ops
+    suffix = "_triton" if backend == "triton" else ""
+    out_op = getattr(torch.ops.mvit2, "separable_attention_forward_out" + suffix)
+    torch.library.opcheck(out_op, (q, k, v, torch.empty_like(k)))
+
+
 # Triton's own errors, message by message (test_bad_inputs.py has the public API's on every
 # backend; the C++ ops print dtypes in ATen's spelling).
 TRITON = [b for b in BACKENDS if b == "triton"]

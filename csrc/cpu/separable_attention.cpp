@@ -224,23 +224,37 @@ void backward_into(const at::Tensor& grad_y_in, const at::Tensor& q_in, const at
                                   });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> separable_attention_forward_cpu(const at::Tensor& q_in,
-                                                                   const at::Tensor& k_in,
-                                                                   const at::Tensor& v_in) {
-  check_separable_attention_inputs(q_in, k_in, v_in);
+// The forward into y (contiguous, checked); returns ctx.
+at::Tensor forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                        at::Tensor& y) {
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in),
                    v = unit_last_stride(v_in);
   const int64_t B = k.size(0), C = k.size(1), P = k.size(2);
-  at::Tensor y = empty_output(k.sizes(), k.options());
   at::Tensor ctx = at::empty({B, C, P, 1}, k.options().dtype(acc_type(k.scalar_type())));
-  if (y.numel() == 0 && ctx.numel() == 0) return {y, ctx};
+  if (y.numel() == 0 && ctx.numel() == 0) return ctx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),
                                   "separable_attention_forward_cpu", [&] {
                                     separable_attention_forward_kernel<scalar_t>(q, k, v, y, ctx);
                                   });
+  return ctx;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> separable_attention_forward_cpu(const at::Tensor& q,
+                                                                   const at::Tensor& k,
+                                                                   const at::Tensor& v) {
+  check_separable_attention_inputs(q, k, v);
+  at::Tensor y = empty_output(k.sizes(), k.options());
+  at::Tensor ctx = forward_into(q, k, v, y);
   return {y, ctx};
+}
+
+at::Tensor separable_attention_forward_out_cpu(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, at::Tensor& y) {
+  check_separable_attention_inputs(q, k, v);
+  check_separable_attention_out(y, q, k, v);
+  return forward_into(q, k, v, y);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_attention_backward_cpu(
@@ -274,6 +288,7 @@ at::Tensor separable_attention_qkv_backward_cpu(const at::Tensor& grad_y, const 
 
 TORCH_LIBRARY_IMPL(mvit2, CPU, m) {
   m.impl("separable_attention_forward", &separable_attention_forward_cpu);
+  m.impl("separable_attention_forward_out", &separable_attention_forward_out_cpu);
   m.impl("separable_attention_backward", &separable_attention_backward_cpu);
   m.impl("separable_attention_qkv_forward", &separable_attention_qkv_forward_cpu);
   m.impl("separable_attention_qkv_backward", &separable_attention_qkv_backward_cpu);

@@ -383,26 +383,41 @@ void backward_into(const at::Tensor& grad_y_in, const at::Tensor& q_in, const at
       });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> separable_attention_forward_cuda(const at::Tensor& q_in,
-                                                                    const at::Tensor& k_in,
-                                                                    const at::Tensor& v_in) {
-  check_separable_attention_inputs(q_in, k_in, v_in);
-  const c10::cuda::CUDAGuard guard(k_in.device());
+// The forward into y (contiguous, checked); returns ctx.
+at::Tensor forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                        at::Tensor& y) {
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in),
                    v = unit_last_stride(v_in);
   const int64_t B = k.size(0), C = k.size(1), P = k.size(2), N = k.size(3);
-  at::Tensor y = at::empty(k.sizes(), k.options());
   at::Tensor ctx = at::empty({B, C, P, 1}, k.options().dtype(acc_type(k.scalar_type())));
-  if (y.numel() == 0 && ctx.numel() == 0) return {y, ctx};
+  if (y.numel() == 0 && ctx.numel() == 0) return ctx;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, k.scalar_type(), "separable_attention_forward_cuda", [&] {
         with_vector_width<scalar_t>(N, {&q, &k, &v, &y}, [&](auto w) {
           launch_forward<scalar_t, decltype(w)::value>(q, k, v, y, ctx);
         });
       });
+  return ctx;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> separable_attention_forward_cuda(const at::Tensor& q,
+                                                                    const at::Tensor& k,
+                                                                    const at::Tensor& v) {
+  check_separable_attention_inputs(q, k, v);
+  const c10::cuda::CUDAGuard guard(k.device());
+  at::Tensor y = at::empty(k.sizes(), k.options());
+  at::Tensor ctx = forward_into(q, k, v, y);
   return {y, ctx};
+}
+
+at::Tensor separable_attention_forward_out_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, at::Tensor& y) {
+  check_separable_attention_inputs(q, k, v);
+  check_separable_attention_out(y, q, k, v);
+  const c10::cuda::CUDAGuard guard(k.device());
+  return forward_into(q, k, v, y);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_attention_backward_cuda(
@@ -437,6 +452,7 @@ at::Tensor separable_attention_qkv_backward_cuda(const at::Tensor& grad_y, const
 
 TORCH_LIBRARY_IMPL(mvit2, CUDA, m) {
   m.impl("separable_attention_forward", &separable_attention_forward_cuda);
+  m.impl("separable_attention_forward_out", &separable_attention_forward_out_cuda);
   m.impl("separable_attention_backward", &separable_attention_backward_cuda);
   m.impl("separable_attention_qkv_forward", &separable_attention_qkv_forward_cuda);
   m.impl("separable_attention_qkv_backward", &separable_attention_qkv_backward_cuda);

@@ -143,8 +143,9 @@ _FORWARD: dict[str, Callable] = {
     "separable_layer_project_forward": separable_layer_project_forward,
     "additive_attention_forward": additive_attention_forward,
 }
-# separable_layer_project_input_backward writes its input in place (dx += W_v^T dv): a training
-# graph holds it functionalised, which a decomposition table cannot name; it has none.
+# separable_layer_project_input_backward writes its input in place (dx += W_v^T dv), and
+# separable_attention_forward_out its y: a graph holds them functionalised, which a
+# decomposition table cannot name; they have none.
 _BACKWARD: dict[str, Callable] = {
     "separable_attention_backward": separable_attention_backward,
     "separable_attention_qkv_backward": separable_attention_qkv_backward,

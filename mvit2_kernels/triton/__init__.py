@@ -10,6 +10,7 @@ from .additive_attention import additive_attention_backward, additive_attention_
 from .separable_attention import (
     separable_attention_backward,
     separable_attention_forward,
+    separable_attention_forward_out,
     separable_attention_qkv_backward,
     separable_attention_qkv_forward,
 )
@@ -22,6 +23,7 @@ from .separable_layer import (
 
 KERNELS = {
     "separable_attention_forward": separable_attention_forward,
+    "separable_attention_forward_out": separable_attention_forward_out,
     "separable_attention_backward": separable_attention_backward,
     "separable_attention_qkv_forward": separable_attention_qkv_forward,
     "separable_attention_qkv_backward": separable_attention_qkv_backward,

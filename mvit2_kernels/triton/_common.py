@@ -23,15 +23,15 @@ def _autotune(configs: list[tuple[dict, int]], key: list[str]):
     return triton.autotune([triton.Config(m, num_warps=w) for m, w in configs], key=key)
 
 
-def _triton_op(name: str):
+def _triton_op(name: str, mutates_args: tuple[str, ...] = ()):
     """``triton_op`` on a GPU. The interpreter runs kernels on host copies of real tensors, so it
     cannot be traced into: there the op is an opaque ``custom_op`` whose fake kernel is the same
     function, which stops before launching when its tensors are fake (see ``_tracing``)."""
     if not _INTERPRET:
-        return triton_op(name, mutates_args=())
+        return triton_op(name, mutates_args=mutates_args)
 
     def register(fn):
-        op = custom_op(name, fn, mutates_args=())
+        op = custom_op(name, fn, mutates_args=mutates_args)
         op.register_fake(fn)
         return op
 

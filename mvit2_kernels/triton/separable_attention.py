@@ -22,7 +22,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ..checks import acc_dtype, check_separable_inputs, check_separable_qkv_input
+from ..checks import (
+    acc_dtype,
+    check_separable_inputs,
+    check_separable_out,
+    check_separable_qkv_input,
+)
 from ._common import (
     _INTERPRET,
     _autotune,
@@ -193,11 +198,13 @@ def _backward_block_c(rows: int, C: int) -> int:
     return min(block, max(8, triton.next_power_of_2(C)))
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """``(y, ctx)`` of checked inputs: the forward ops' body."""
+def _forward(q: Tensor, k: Tensor, v: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(y, ctx)`` of checked inputs, into ``y`` if given (contiguous, checked): the forward
+    ops' body."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     B, C, P, N = k.shape
-    y = torch.empty((B, C, P, N), dtype=k.dtype, device=k.device)
+    if y is None:
+        y = torch.empty((B, C, P, N), dtype=k.dtype, device=k.device)
     ctx = torch.empty((B, C, P, 1), dtype=acc_dtype(k.dtype), device=k.device)
     if y.numel() == 0:  # N = 0 leaves ctx = an empty sum = 0; nothing to launch
         return y, ctx.zero_()
@@ -230,6 +237,15 @@ def separable_attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor
     """
     check_separable_inputs(q, k, v)
     return _forward(q, k, v)
+
+
+@_triton_op("mvit2::separable_attention_forward_out_triton", mutates_args=("y",))
+def separable_attention_forward_out(q: Tensor, k: Tensor, v: Tensor, y: Tensor) -> Tensor:
+    """:func:`separable_attention_forward` into a preallocated ``y`` (contiguous
+    ``[B, C, P, N]`` in k's dtype and device, sharing no memory with q, k, v); returns ctx."""
+    check_separable_inputs(q, k, v)
+    check_separable_out(y, q, k, v, "y")
+    return _forward(q, k, v, y)[1]
 
 
 def _backward(
