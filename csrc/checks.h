@@ -2,12 +2,12 @@
 // things first, with friendlier messages; these keep direct torch.ops calls safe).
 #pragma once
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/narrow.h>
 #include <c10/util/Exception.h>
 
 #include <tuple>
+#include <utility>
 
 namespace mvit2 {
 
@@ -39,13 +39,32 @@ inline void check_separable_attention_inputs(const at::Tensor& q, const at::Tens
   MVIT2_CHECK_SHAPE(v, B, C, P, N);
 }
 
-// y of separable_attention_forward_out: where the forward op would put it, and not over an input.
+// Whether the memory spans of a and b in one storage meet (conservative for strided tensors).
+// at::assert_no_overlap gives up ("too hard") on views such as the q, k, v of one qkv.
+inline bool spans_meet(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto* begin = static_cast<const char*>(t.const_data_ptr());
+    return std::pair{begin, begin + (last + 1) * static_cast<int64_t>(t.element_size())};
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// y of separable_attention_forward_out: where the forward op would put it, and not over an input
+// (the kernels read the inputs while they write y).
 inline void check_separable_attention_out(const at::Tensor& y, const at::Tensor& q,
                                           const at::Tensor& k, const at::Tensor& v) {
   MVIT2_CHECK_SAME(y, k);
   MVIT2_CHECK_SHAPE(y, k.size(0), k.size(1), k.size(2), k.size(3));
   TORCH_CHECK_VALUE(y.is_contiguous(), "y must be contiguous");
-  for (const at::Tensor* input : {&q, &k, &v}) at::assert_no_overlap(y, *input);
+  for (const auto& [name, input] : {std::pair{"q", &q}, std::pair{"k", &k}, std::pair{"v", &v}}) {
+    TORCH_CHECK_VALUE(!spans_meet(y, *input), "y shares memory with ", name,
+                      ": the kernels read the inputs while they write it");
+  }
 }
 
 inline void check_separable_attention_backward_inputs(const at::Tensor& grad_y,

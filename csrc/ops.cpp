@@ -1,5 +1,9 @@
 // The op library: schemas shared by every backend (CPU and CUDA here, Triton in Python), and the
 // pybind11 module that Python imports to load them (left out of the CMake build for C++ users).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(mvit2, m) {
@@ -55,6 +59,37 @@ TORCH_LIBRARY(mvit2, m) {
   // and y), and dx += w^T dv in place (after the context backward has written dx).
   m.def("separable_layer_project_weight_backward(Tensor grad, Tensor input) -> Tensor dw");
   m.def("separable_layer_project_input_backward(Tensor(a!) dx, Tensor dv, Tensor w) -> ()");
+}
+
+// The op that writes y: at the Autograd key it refuses to record gradients (as ATen's out=
+// functions do) and bumps y's version counter like an in-place op, so that autograd notices a y
+// it saved for a backward being overwritten. (Under inference mode it is skipped, as inference
+// tensors have no version.)
+namespace {
+at::Tensor separable_attention_forward_out_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, at::Tensor& y) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mvit2::separable_attention_forward_out", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            at::Tensor&)>();
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !(q.requires_grad() || k.requires_grad() || v.requires_grad() ||
+                    y.requires_grad()),
+              "separable_attention_forward_out writes a given y and records no gradients, but "
+              "one of q, k, v, y requires grad: call it under torch.no_grad()");
+  at::Tensor ctx;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    ctx = op.call(q, k, v, y);
+  }
+  torch::autograd::impl::bump_version(y);
+  return ctx;
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mvit2, Autograd, m) {
+  m.impl("separable_attention_forward_out", &separable_attention_forward_out_autograd);
 }
 
 #ifndef MVIT2_NO_PYTHON

@@ -88,8 +88,9 @@ def check_separable_out(out: Tensor, q: Tensor, k: Tensor, v: Tensor, name: str 
 
 def _byte_ranges_meet(a: Tensor, b: Tensor) -> bool:
     """Whether the spans of memory a and b address meet (conservative for strided tensors);
-    False for tensors without memory (meta, fake: traced, where no kernel writes)."""
-    if a.numel() == 0 or b.numel() == 0:
+    False for tensors without memory (meta, fake: traced, where no kernel writes) and while
+    torch.compile traces (the C++ op checks the same at run time)."""
+    if a.numel() == 0 or b.numel() == 0 or torch.compiler.is_compiling():
         return False
 
     def span(t: Tensor) -> tuple[int, int]:

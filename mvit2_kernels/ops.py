@@ -11,7 +11,8 @@ Every backend implements the same ops (schemas in ``csrc/ops.cpp``):
 The C++ kernels are ``torch.ops.mvit2.*`` (CPU and CUDA dispatch keys); Triton's are
 ``torch.ops.mvit2.*_triton`` (``mvit2_kernels/triton``). Both carry fake kernels, so
 ``torch.compile(fullgraph=True)`` and ``torch.export`` trace them, and autograd
-(``mvit2_kernels.autograd``), so every forward op is differentiable by itself.
+(``mvit2_kernels.autograd``), so every ``*_forward`` op is differentiable by itself (not
+``separable_attention_forward_out``, which writes a given y).
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``
             (see :func:`mvit2_kernels.available_backends`).
         out: for inference, a preallocated ``Tensor[B, C, P, N]`` to write the result into
-            (contiguous, in the inputs' dtype (under autocast: the autocast dtype) and device,
-            sharing no memory with them). Reusing one saves the page faults a fresh large
-            output costs on every call (docs/performance.md). Not differentiable: raises if
-            gradients are being recorded for q, k or v.
+            (contiguous, in the inputs' dtype and device, sharing no memory with them). On a
+            CPU, reusing one saves the page faults a fresh large output costs on every call
+            (docs/performance.md). Not differentiable: raises if gradients are being recorded
+            for q, k, v or out. As with PyTorch's own ``out=`` calls, autocast leaves such a
+            call alone: it runs in the inputs' dtype.
 
     Returns:
         ``Tensor[B, C, P, N]`` in the input dtype (fp16/bf16 are accumulated in float32); ``out``
@@ -57,7 +59,8 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto
 
     Differentiable once with respect to q, k and v (without ``out``); double backward raises.
     """
-    q, k, v = autocast_inputs(q, k, v)
+    if out is None:  # out= calls are not autocast, as torch's own are not
+        q, k, v = autocast_inputs(q, k, v)
     check_separable_inputs(q, k, v)
     if out is not None:
         check_separable_out(out, q, k, v)

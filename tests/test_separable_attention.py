@@ -365,18 +365,21 @@ def test_opcheck_forward_and_backward(dtype, backend):
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_out_receives_the_result_and_is_returned(dtype, backend):
+@pytest.mark.parametrize(("N", "offset"), [(65, 0), (64, 0), (64, 1)])  # vectors; a misaligned y
+def test_out_receives_the_result_and_is_returned(N, offset, dtype, backend):
     """Under no_grad, ``out=`` gets the very values the op returns without it, twice in a row
-    (the second call overwrites the first's result), and is what the call returns; ctx of the
-    raw op into a preallocated y is the forward op's."""
+    (the second call overwrites the first's result), is what the call returns, and has a new
+    version (autograd would notice a saved y overwritten); ctx of the raw op into a preallocated
+    y is the forward op's."""
     device = device_of(backend) if backend != "reference" else "cpu"
-    q, k, v, _ = make_qkv((2, 17, 3, 65), dtype, device)
-    out = torch.full(k.shape, float("nan"), dtype=dtype, device=device)
+    q, k, v, _ = make_qkv((2, 17, 3, N), dtype, device)
+    out = randn(*k.shape, dtype=dtype, device=device, offset=offset).fill_(float("nan"))
     with torch.no_grad():
         want = separable_attention(q, k, v, backend=backend)
         for _ in range(2):
+            version = out._version
             got = separable_attention(q, k, v, backend=backend, out=out)
-            assert got is out
+            assert got is out and out._version > version
             assert torch.equal(out, want)
             q, k, v = (t.flip(-1) for t in (q, k, v))
             want = separable_attention(q, k, v, backend=backend)
@@ -426,8 +429,33 @@ def test_the_raw_out_op_checks_y(backend):
         out_op(q, k, v, torch.empty(2, 3, 4, device=k.device))
     with pytest.raises(ValueError, match="y must be contiguous"):
         out_op(q, k, v, torch.empty(2, 3, 5, 4, device=k.device).transpose(2, 3))
-    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+    with pytest.raises(ValueError, match="y shares memory with v"):
         out_op(q, k, v, v)
+    # The module's layout: q, k, v views of one qkv (too hard for at::assert_no_overlap), and a
+    # contiguous y over the start of the same storage.
+    q, k, v, _ = make_qkv((2, 3, 4, 5), torch.float32, device_of(backend))
+    with pytest.raises(ValueError, match="y shares memory with q"):
+        out_op(q, k, v, q._base.view(-1)[:k.numel()].view(k.shape))
+    with pytest.raises(RuntimeError, match="records no gradients"):
+        out_op(*(t.detach().requires_grad_() for t in (q, k, v)), torch.empty_like(k))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_compiles_fullgraph(backend):
+    """``out=`` inside a compiled inference function: the mutation of a graph input survives
+    functionalisation, and the values are the eager call's."""
+    torch._dynamo.reset()
+    q, k, v, _ = make_qkv((2, 5, 3, 37), torch.float32, device_of(backend))
+    out = torch.empty(k.shape, device=k.device)
+
+    @torch.compile(fullgraph=True)
+    def infer(q, k, v, out):
+        return separable_attention(q, k, v, backend=backend, out=out) * 2
+
+    with torch.no_grad():
+        doubled = infer(q, k, v, out)
+        want = separable_attention(q, k, v, backend=backend)
+    assert torch.equal(out, want) and torch.equal(doubled, want * 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

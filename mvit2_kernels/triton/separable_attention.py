@@ -42,6 +42,7 @@ from ._common import (
 __all__ = [
     "separable_attention_backward",
     "separable_attention_forward",
+    "separable_attention_forward_out",
     "separable_attention_qkv_backward",
     "separable_attention_qkv_forward",
 ]
