@@ -61,35 +61,49 @@ TORCH_LIBRARY(mvit2, m) {
   m.def("separable_layer_project_input_backward(Tensor(a!) dx, Tensor dv, Tensor w) -> ()");
 }
 
-// The op that writes y: at the Autograd key it refuses to record gradients (as ATen's out=
-// functions do) and bumps y's version counter like an in-place op, so that autograd notices a y
-// it saved for a backward being overwritten. (Under inference mode it is skipped, as inference
-// tensors have no version.)
+// The op that writes y, as ATen's in-place ops do: at the Autograd key it refuses to record
+// gradients (ATen's out= functions do too); at ADInplaceOrView, which also runs under
+// inference mode for normal tensors, it bumps y's version, so that autograd notices a y it
+// saved for a backward being overwritten.
 namespace {
+using ForwardOut = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              at::Tensor&);
+
+const c10::TypedOperatorHandle<ForwardOut>& forward_out_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mvit2::separable_attention_forward_out", "")
+                             .typed<ForwardOut>();
+  return op;
+}
+
 at::Tensor separable_attention_forward_out_autograd(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v, at::Tensor& y) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mvit2::separable_attention_forward_out", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            at::Tensor&)>();
   TORCH_CHECK(!at::GradMode::is_enabled() ||
                   !(q.requires_grad() || k.requires_grad() || v.requires_grad() ||
                     y.requires_grad()),
               "separable_attention_forward_out writes a given y and records no gradients, but "
               "one of q, k, v, y requires grad: call it under torch.no_grad()");
+  const at::AutoDispatchBelowAutograd below;
+  return forward_out_op().call(q, k, v, y);
+}
+
+at::Tensor separable_attention_forward_out_inplace(const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v, at::Tensor& y) {
   at::Tensor ctx;
   {
     const at::AutoDispatchBelowADInplaceOrView below;
-    ctx = op.call(q, k, v, y);
+    ctx = forward_out_op().call(q, k, v, y);
   }
-  torch::autograd::impl::bump_version(y);
+  torch::autograd::impl::bump_version(y);  // a no-op for an inference tensor in inference mode
   return ctx;
 }
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mvit2, Autograd, m) {
   m.impl("separable_attention_forward_out", &separable_attention_forward_out_autograd);
+}
+TORCH_LIBRARY_IMPL(mvit2, ADInplaceOrView, m) {
+  m.impl("separable_attention_forward_out", &separable_attention_forward_out_inplace);
 }
 
 #ifndef MVIT2_NO_PYTHON

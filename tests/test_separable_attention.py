@@ -413,6 +413,22 @@ def test_bad_out_raises_naming_out(make_out, error, match, backend):
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_out_under_inference_mode_bumps_a_normal_tensors_version(backend):
+    """A y saved for a backward and overwritten inside inference mode is still noticed; an
+    inference tensor is written without complaint."""
+    device = device_of(backend) if backend != "reference" else "cpu"
+    q, k, v, _ = make_qkv((2, 5, 3, 37), torch.float32, device)
+    out = torch.empty(k.shape, device=device)
+    version = out._version
+    with torch.inference_mode():
+        separable_attention(q, k, v, backend=backend, out=out)
+        inference_out = torch.empty(k.shape, device=device)
+        separable_attention(q, k, v, backend=backend, out=inference_out)
+    assert out._version > version
+    assert torch.equal(out, inference_out)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
 def test_out_refuses_to_record_gradients(backend):
     q, k, v = leaf_qkv((2, 3, 4, 5), torch.float32, "cpu" if backend == "reference"
                        else device_of(backend))
@@ -446,7 +462,7 @@ def test_out_compiles_fullgraph(backend):
     functionalisation, and the values are the eager call's."""
     torch._dynamo.reset()
     q, k, v, _ = make_qkv((2, 5, 3, 37), torch.float32, device_of(backend))
-    out = torch.empty(k.shape, device=k.device)
+    out = torch.full(k.shape, float("nan"), device=k.device)
 
     @torch.compile(fullgraph=True)
     def infer(q, k, v, out):
