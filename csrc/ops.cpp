@@ -83,6 +83,11 @@ at::Tensor separable_attention_forward_out_autograd(const at::Tensor& q, const a
                     y.requires_grad()),
               "separable_attention_forward_out writes a given y and records no gradients, but "
               "one of q, k, v, y requires grad: call it under torch.no_grad()");
+  for (const at::Tensor* t : {&q, &k, &v, static_cast<const at::Tensor*>(&y)}) {
+    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(),
+                "separable_attention_forward_out writes a given y and records no forward-mode "
+                "gradients, but one of q, k, v, y is a dual tensor");
+  }
   const at::AutoDispatchBelowAutograd below;
   return forward_out_op().call(q, k, v, y);
 }

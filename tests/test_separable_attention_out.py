@@ -104,6 +104,10 @@ def test_the_raw_out_op_checks_y(backend):
     q, k, v, _ = make_qkv((2, 3, 4, 5), torch.float32, device_of(backend))
     with pytest.raises(ValueError, match="y shares memory with q"):
         out_op(q, k, v, q._base.view(-1)[:k.numel()].view(k.shape))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(k.detach(), torch.ones_like(k))
+        with pytest.raises(RuntimeError, match="records no forward-mode gradients"):
+            out_op(q.detach(), dual, v.detach(), torch.empty_like(k))
     with pytest.raises(RuntimeError, match="records no gradients"):
         out_op(*(t.detach().requires_grad_() for t in (q, k, v)), torch.empty_like(k))
 
