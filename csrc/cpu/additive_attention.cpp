@@ -5,9 +5,9 @@
 // unnormalised global query sum_n a[n] qn[n] and sum_n a[n]^2 (G is linear in the weights, so
 // the normalisation over N can wait); a fixed-order sum of the chunks gives G and ||a|| per
 // batch; one pass over k writes out = G * kn. Backward: one pass over (grad_out, k) writes dk and
-// partial dG; one pass over (grad_qn, q) writes dq and partial dw_g. Every row of D is turned
-// into the accumulation type once and reused from L1 for its 2-3 uses; the per-token norms are
-// recomputed there instead of being saved.
+// partial dG; one pass over (grad_qn, q) writes dq and partial dw_g. Each row of D is read from
+// memory once and reused from L1 (see the kernels); the per-token norms are recomputed there
+// instead of being saved.
 #include "vec_isa.h"  // first: it configures at::vec
 
 #include <ATen/Dispatch.h>
@@ -34,47 +34,10 @@ template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
 template <typename T>
-T sum_sq(const T* x, int64_t D) {
-  return at::vec::map_reduce_all<T>([](Vec<T> v) { return v * v; },
-                                    [](Vec<T> a, Vec<T> b) { return a + b; }, x, D);
-}
-
-template <typename T>
 T dot(const T* x, const T* y, int64_t D) {
   return at::vec::map2_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a * b; },
                                      [](Vec<T> a, Vec<T> b) { return a + b; }, x, y, D);
 }
-
-// A row of D in the accumulation type: fp32/fp64 rows are used in place, fp16/bf16 rows are
-// converted into a buffer. As an output, the row is computed in the buffer (or in place) and
-// stored with `store`.
-template <typename scalar_t>
-struct AccRow {
-  using acc_t = at::opmath_type<scalar_t>;
-  static constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
-  std::vector<acc_t> buf;
-  int64_t D;
-  explicit AccRow(int64_t D) : buf(kInPlace ? 0 : D), D(D) {}
-
-  const acc_t* load(const scalar_t* src) {
-    if constexpr (kInPlace) {
-      return src;
-    } else {
-      at::vec::convert(src, buf.data(), D);
-      return buf.data();
-    }
-  }
-  acc_t* target(scalar_t* dst) {
-    if constexpr (kInPlace) {
-      return dst;
-    } else {
-      return buf.data();
-    }
-  }
-  void store(scalar_t* dst) {
-    if constexpr (!kInPlace) at::vec::convert(buf.data(), dst, D);
-  }
-};
 
 // Row n of batch b of a [B, N, D] tensor whose D axis has unit stride.
 template <typename T>
@@ -122,13 +85,43 @@ inline acc_t clamp_eps(acc_t x) {
   return x < static_cast<acc_t>(kAdditiveEps) ? static_cast<acc_t>(kAdditiveEps) : x;
 }
 
+// xn = x / max(||x||, eps), and its backward given dxn (docs/design.md §2): dxn / eps where
+// ||x|| < eps (autograd's clamp_min blocks the norm's gradient below eps), else
+// dxn / ||x|| - x (x . dxn) / ||x||^3: at equality, where clamp_min passes it, and for a NaN norm,
+// which that formula spreads over the row as autograd does (`norm < eps` is false for NaN).
+// Built from a row's sums, so that the row passes below can apply it a vector at a time.
+template <typename acc_t>
+struct RowNorm {
+  acc_t norm, inv;
+  explicit RowNorm(acc_t sum_sq)
+      : norm(std::sqrt(sum_sq)), inv(acc_t(1) / clamp_eps(norm)) {}
+  bool clamped() const { return norm < static_cast<acc_t>(kAdditiveEps); }
+  // dx from dxn, with x_dxn = x . dxn over the row.
+  struct Backward {
+    bool clamped;
+    acc_t inv, c;
+    Vec<acc_t> operator()(const Vec<acc_t>& dxn, const Vec<acc_t>& x) const {
+      return clamped ? dxn / Vec<acc_t>(static_cast<acc_t>(kAdditiveEps))
+                     : dxn * Vec<acc_t>(inv) - x * Vec<acc_t>(c);
+    }
+  };
+  Backward backward(acc_t x_dxn) const { return {clamped(), inv, inv * inv * inv * x_dxn}; }
+};
+
+// Each row of D (SwiftFormer's D is 48-512: at most 2 KiB) is read from memory once and then from
+// L1: a first pass sums what the row's scalars need (||x||^2 and its dot products), a second
+// writes the row's output and adds to the chunk's partial sums, converting fp16/bf16 a vector at
+// a time in registers. (A float32 copy of each row, then one at::vec pass per use, took 1.3-3x
+// as long in bf16: docs/performance.md.)
 template <typename scalar_t>
 void additive_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& w_g, AdditiveVariant variant,
                                        at::Tensor& out, at::Tensor& qn, at::Tensor& g,
                                        at::Tensor& a_norm) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::Vec;
+  constexpr int64_t W = IO::W;
   const int64_t B = k.size(0), N = k.size(1), D = k.size(2);
   const acc_t scale = static_cast<acc_t>(additive_scale(D));
   const std::vector<acc_t> w = load_w<scalar_t>(w_g);
@@ -140,24 +133,30 @@ void additive_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
   acc_t* a_norm_ptr = a_norm.mutable_data_ptr<acc_t>();
 
   at::parallel_for(0, B * tc.count, 1, [&](int64_t begin, int64_t end) {
-    AccRow<scalar_t> in(D), row(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tc.count, n0 = (task % tc.count) * tc.size;
       acc_t* gp = g_part.data() + task * D;
       std::fill(gp, gp + D, acc_t(0));
       acc_t ss = 0;
       for (int64_t n = n0; n < std::min(N, n0 + tc.size); ++n) {
-        const acc_t* x = in.load(q_rows(b, n));
-        const acc_t inv = acc_t(1) / clamp_eps(std::sqrt(sum_sq(x, D)));
-        const acc_t a = dot(x, w.data(), D) * inv * scale;
+        const scalar_t* x = q_rows(b, n);
+        scalar_t* y = qn_rows(b, n);
+        V x_x(0), x_w(0);
+        over_n<W>(D, [&](int64_t d, int64_t cnt) {
+          const V xv = IO::load(x + d, cnt);
+          x_x = at::vec::fmadd(xv, xv, x_x);
+          x_w = at::vec::fmadd(xv, V::loadu(w.data() + d, cnt), x_w);
+        });
+        const RowNorm<acc_t> nrm(vec_sum<acc_t>(x_x));
+        const acc_t a = vec_sum<acc_t>(x_w) * nrm.inv * scale;
         // softmax over a size-1 axis is exp(a - a): 1, or NaN where a is not finite.
-        const acc_t weight = variant == AdditiveVariant::kNormalize ? a : std::exp(a - a);
+        const V weight(variant == AdditiveVariant::kNormalize ? a : std::exp(a - a));
         ss += a * a;
-        acc_t* y = row.target(qn_rows(b, n));
-        at::vec::map([inv](V v) { return v * V(inv); }, y, x, D);
-        at::vec::map2([weight](V acc, V v) { return at::vec::fmadd(V(weight), v, acc); }, gp, gp,
-                      y, D);
-        row.store(qn_rows(b, n));
+        over_n<W>(D, [&](int64_t d, int64_t cnt) {
+          const V qv = IO::load(x + d, cnt) * V(nrm.inv);  // G sums the unrounded qn
+          IO::store(y + d, qv, cnt);
+          at::vec::fmadd(weight, qv, V::loadu(gp + d, cnt)).store(gp + d, cnt);
+        });
       }
       ss_part[task] = ss;
     }
@@ -180,32 +179,22 @@ void additive_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
   });
 
   at::parallel_for(0, B * N, task_grain(D), [&](int64_t begin, int64_t end) {
-    AccRow<scalar_t> in(D), row(D);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / N, n = r % N;
-      const acc_t* x = in.load(k_rows(b, n));
-      const acc_t inv = acc_t(1) / clamp_eps(std::sqrt(sum_sq(x, D)));
-      acc_t* y = row.target(out_rows(b, n));
-      at::vec::map2([inv](V v, V gv) { return v * V(inv) * gv; }, y, x, g_ptr + b * D, D);
-      row.store(out_rows(b, n));
+      const scalar_t* x = k_rows(b, n);
+      scalar_t* y = out_rows(b, n);
+      const acc_t* gb = g_ptr + b * D;
+      V x_x(0);
+      over_n<W>(D, [&](int64_t d, int64_t cnt) {
+        const V xv = IO::load(x + d, cnt);
+        x_x = at::vec::fmadd(xv, xv, x_x);
+      });
+      const V inv(RowNorm<acc_t>(vec_sum<acc_t>(x_x)).inv);
+      over_n<W>(D, [&](int64_t d, int64_t cnt) {
+        IO::store(y + d, IO::load(x + d, cnt) * inv * V::loadu(gb + d, cnt), cnt);
+      });
     }
   });
-}
-
-// The backward of xn = x / max(||x||, eps) given dxn (in `y`, overwritten with dx): dxn / eps
-// where ||x|| < eps (autograd's clamp_min blocks the norm's gradient below eps), else
-// (dxn - xn (xn . dxn)) / ||x||: at equality, where clamp_min passes it, and for a NaN norm,
-// which that formula spreads over the row as autograd does (`norm >= eps` is false for NaN).
-template <typename acc_t>
-void normalize_backward_inplace(acc_t* y, const acc_t* x, acc_t norm, acc_t inv, int64_t D) {
-  using V = Vec<acc_t>;
-  if (norm < static_cast<acc_t>(kAdditiveEps)) {
-    const V e(static_cast<acc_t>(kAdditiveEps));
-    at::vec::map([e](V d) { return d / e; }, y, y, D);
-  } else {
-    const acc_t c = inv * inv * inv * dot(x, y, D);  // xn (xn . dxn) / ||x|| = c x
-    at::vec::map2([inv, c](V d, V v) { return d * V(inv) - v * V(c); }, y, y, x, D);
-  }
 }
 
 template <typename scalar_t>
@@ -214,8 +203,10 @@ void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Te
                                         const at::Tensor& w_g, const at::Tensor& g_in,
                                         const at::Tensor& a_norm_in, AdditiveVariant variant,
                                         at::Tensor& dq, at::Tensor& dk, at::Tensor& dw) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::Vec;
+  constexpr int64_t W = IO::W;
   const int64_t B = k.size(0), N = k.size(1), D = k.size(2);
   const acc_t scale = static_cast<acc_t>(additive_scale(D));
   const std::vector<acc_t> w = load_w<scalar_t>(w_g);
@@ -230,21 +221,29 @@ void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Te
 
   // Pass 1: dkn = grad_out * G -> dk; partial dG = sum_n grad_out * kn.
   at::parallel_for(0, B * tc.count, 1, [&](int64_t begin, int64_t end) {
-    AccRow<scalar_t> kin(D), goin(D), row(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tc.count, n0 = (task % tc.count) * tc.size;
+      const acc_t* gb = G + b * D;
       acc_t* dgp = part.data() + task * D;
       std::fill(dgp, dgp + D, acc_t(0));
       for (int64_t n = n0; n < std::min(N, n0 + tc.size); ++n) {
-        const acc_t* x = kin.load(k_rows(b, n));
-        const acc_t* go = goin.load(go_rows(b, n));
-        const acc_t norm = std::sqrt(sum_sq(x, D)), inv = acc_t(1) / clamp_eps(norm);
-        at::vec::map3([inv](V acc, V gov, V v) { return at::vec::fmadd(gov, v * V(inv), acc); },
-                      dgp, dgp, go, x, D);
-        acc_t* y = row.target(dk_rows(b, n));
-        at::vec::map2([](V gov, V gv) { return gov * gv; }, y, go, G + b * D, D);
-        normalize_backward_inplace(y, x, norm, inv, D);
-        row.store(dk_rows(b, n));
+        const scalar_t* x = k_rows(b, n);
+        const scalar_t* go = go_rows(b, n);
+        scalar_t* y = dk_rows(b, n);
+        V x_x(0), x_dkn(0);
+        over_n<W>(D, [&](int64_t d, int64_t cnt) {
+          const V xv = IO::load(x + d, cnt);
+          x_x = at::vec::fmadd(xv, xv, x_x);
+          x_dkn = at::vec::fmadd(xv, IO::load(go + d, cnt) * V::loadu(gb + d, cnt), x_dkn);
+        });
+        const RowNorm<acc_t> nrm(vec_sum<acc_t>(x_x));
+        const auto backward = nrm.backward(vec_sum<acc_t>(x_dkn));
+        const V inv(nrm.inv);
+        over_n<W>(D, [&](int64_t d, int64_t cnt) {
+          const V xv = IO::load(x + d, cnt), gov = IO::load(go + d, cnt);
+          at::vec::fmadd(gov, xv * inv, V::loadu(dgp + d, cnt)).store(dgp + d, cnt);
+          IO::store(y + d, backward(gov * V::loadu(gb + d, cnt), xv), cnt);
+        });
       }
     }
   });
@@ -261,8 +260,9 @@ void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Te
   });
 
   // Pass 2: dqn = grad_qn + alpha dG + da scale w_g -> dq; partial dw_g = sum_n da scale qn.
+  // dqn needs the row's scalars first and its own dot with q after: it waits in an L1 row.
   at::parallel_for(0, B * tc.count, 1, [&](int64_t begin, int64_t end) {
-    AccRow<scalar_t> qin(D), gqin(D), row(D);
+    std::vector<acc_t> dqn(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tc.count, n0 = (task % tc.count) * tc.size;
       const acc_t* dgb = dg.data() + b * D;
@@ -270,11 +270,19 @@ void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Te
       std::fill(dwp, dwp + D, acc_t(0));
       const acc_t ra = a_norm_ptr[b], ra_c = clamp_eps(ra);
       for (int64_t n = n0; n < std::min(N, n0 + tc.size); ++n) {
-        const acc_t* x = qin.load(q_rows(b, n));
-        const acc_t* gq = gqin.load(gq_rows(b, n));
-        const acc_t norm = std::sqrt(sum_sq(x, D)), inv = acc_t(1) / clamp_eps(norm);
-        const acc_t a = dot(x, w.data(), D) * inv * scale;
-        const acc_t dalpha = dot(x, dgb, D) * inv;
+        const scalar_t* x = q_rows(b, n);
+        const scalar_t* gq = gq_rows(b, n);
+        scalar_t* y = dq_rows(b, n);
+        V x_x(0), x_w(0), x_dg(0);
+        over_n<W>(D, [&](int64_t d, int64_t cnt) {
+          const V xv = IO::load(x + d, cnt);
+          x_x = at::vec::fmadd(xv, xv, x_x);
+          x_w = at::vec::fmadd(xv, V::loadu(w.data() + d, cnt), x_w);
+          x_dg = at::vec::fmadd(xv, V::loadu(dgb + d, cnt), x_dg);
+        });
+        const RowNorm<acc_t> nrm(vec_sum<acc_t>(x_x));
+        const acc_t a = vec_sum<acc_t>(x_w) * nrm.inv * scale;
+        const acc_t dalpha = vec_sum<acc_t>(x_dg) * nrm.inv;
         acc_t alpha, da;
         if (variant == AdditiveVariant::kNormalize) {
           alpha = a / ra_c;
@@ -286,13 +294,19 @@ void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Te
           da = alpha * (dalpha - alpha * dalpha);
         }
         const acc_t das = da * scale;
-        at::vec::map2([das, inv](V acc, V v) { return at::vec::fmadd(V(das * inv), v, acc); }, dwp,
-                      dwp, x, D);
-        acc_t* y = row.target(dq_rows(b, n));
-        at::vec::map3([alpha, das](V gqv, V dgv, V wv) { return gqv + V(alpha) * dgv + V(das) * wv; },
-                      y, gq, dgb, w.data(), D);
-        normalize_backward_inplace(y, x, norm, inv, D);
-        row.store(dq_rows(b, n));
+        V x_dqn(0);
+        over_n<W>(D, [&](int64_t d, int64_t cnt) {
+          const V xv = IO::load(x + d, cnt);
+          at::vec::fmadd(V(das * nrm.inv), xv, V::loadu(dwp + d, cnt)).store(dwp + d, cnt);
+          const V dv = IO::load(gq + d, cnt) + V(alpha) * V::loadu(dgb + d, cnt) +
+                       V(das) * V::loadu(w.data() + d, cnt);
+          dv.store(dqn.data() + d, cnt);
+          x_dqn = at::vec::fmadd(xv, dv, x_dqn);
+        });
+        const auto backward = nrm.backward(vec_sum<acc_t>(x_dqn));
+        over_n<W>(D, [&](int64_t d, int64_t cnt) {
+          IO::store(y + d, backward(V::loadu(dqn.data() + d, cnt), IO::load(x + d, cnt)), cnt);
+        });
       }
     }
   });

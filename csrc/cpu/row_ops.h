@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -27,6 +28,9 @@ struct VecIO {
   static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
   static constexpr int64_t W = Vec::size();
 
+#if defined(CPU_CAPABILITY_AVX512)
+  static __mmask16 lanes(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
+#endif
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   // One float vector rounded to W halves (convert_from_float would convert two for one), with
   // at::vec's round-to-nearest-even, as at::BFloat16 and the scalar tails round. Not AVX512-BF16's
@@ -64,17 +68,42 @@ struct VecIO {
   // The first `count` (<= W) elements, the rest 0: a row's last, partial vector goes through
   // the same vector code as the others. Called with count == W in the bulk loop (see over_n),
   // where the branch folds away.
+  // AVX-512 masks the partial vector's loads and stores; elsewhere it goes through a buffer (whose
+  // narrow stores a wide load cannot forward from: slow, but only once per row).
   static Vec load(const scalar_t* p, int64_t count) {
     if (count == W) return load(p);
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (!kReduced) {
+      return Vec::loadu(p, count);
+    } else {
+      const __m256i h = _mm256_maskz_loadu_epi16(lanes(count), p);
+      __m512 out;
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        at::vec::cvtbf16_fp32(h, out);
+      } else {
+        at::vec::cvtfp16_fp32(h, out);
+      }
+      return out;
+    }
+#else
     scalar_t buf[W] = {};
     std::copy_n(p, count, buf);
     return load(buf);
+#endif
   }
   static void store(scalar_t* p, const Vec& x, int64_t count) {
     if (count == W) return store(p, x);
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (!kReduced) {
+      x.store(p, count);
+    } else {
+      _mm256_mask_storeu_epi16(p, lanes(count), narrow(x));
+    }
+#else
     scalar_t buf[W];
     store(buf, x);
     std::copy_n(buf, count, p);
+#endif
   }
   // A non-temporal store, for outputs too large to be read back from cache: it skips the read
   // for ownership of the line, a third of the traffic of a plain store. p must be aligned to
@@ -120,7 +149,14 @@ inline void over_n(int64_t N, const F& f) {
 
 // Outputs above this size bypass the cache (store_stream): they cannot stay in a 2-core share of
 // the last-level cache until the next op reads them, and streaming saves the read for ownership.
-inline constexpr int64_t kStreamingStoreBytes = int64_t{8} << 20;
+// MVIT2_STREAM_MIB overrides it (A/B measurements).
+inline int64_t streaming_store_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("MVIT2_STREAM_MIB");
+    return (env == nullptr ? int64_t{8} : std::atoll(env)) << 20;
+  }();
+  return bytes;
+}
 
 inline bool aligned_to(const void* p, int64_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(bytes) == 0;

@@ -61,7 +61,7 @@ void separable_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
 
-  const bool stream = y.nbytes() >= kStreamingStoreBytes;
+  const bool stream = y.nbytes() >= streaming_store_bytes();
 
   at::parallel_for(0, B * cb.count, task_grain(cb.size * P * N), [&](int64_t begin, int64_t end) {
     acc_vector<scalar_t> s(P * N);
@@ -128,7 +128,7 @@ void separable_attention_backward_kernel(const at::Tensor& g, const at::Tensor& 
   const int64_t xs0 = ctx.stride(0), xs1 = ctx.stride(1), xs2 = ctx.stride(2);
   const int64_t dks0 = dk.stride(0), dks1 = dk.stride(1), dks2 = dk.stride(2);
   const int64_t dvs0 = dv.stride(0), dvs1 = dv.stride(1), dvs2 = dv.stride(2);
-  const bool stream = dk.nbytes() >= kStreamingStoreBytes;
+  const bool stream = dk.nbytes() >= streaming_store_bytes();
   // Per (batch, block): partial ds[P, N] and partial sum_c dctx * ctx [P].
   // Left uninitialised (each task zeroes its own slice): a std::vector would add a pass.
   std::unique_ptr<acc_t[]> ds_part(new acc_t[B * cb.count * P * N]);

@@ -191,7 +191,7 @@ void separable_layer_context_backward_kernel(const at::Tensor& grad_xbar, const 
   const acc_t* s_ptr = s.const_data_ptr<acc_t>();
   const acc_t* xbar_ptr = xbar.const_data_ptr<acc_t>();
   scalar_t* dx_ptr = dx.mutable_data_ptr<scalar_t>();  // contiguous like x
-  const bool stream = dx.nbytes() >= kStreamingStoreBytes;
+  const bool stream = dx.nbytes() >= streaming_store_bytes();
   // The rows' partial dw_q, [rows, D]; each task writes its whole row (no initialisation).
   std::unique_ptr<acc_t[]> dw_rows(new acc_t[all_rows * D]);
 
@@ -250,7 +250,7 @@ void separable_layer_epilogue_forward_kernel(const at::Tensor& v, const at::Tens
   const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();
   const acc_t* ctx_ptr = ctx.const_data_ptr<acc_t>();  // [B, C, P]: one value per row of v
   scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
-  const bool stream = y.nbytes() >= kStreamingStoreBytes;
+  const bool stream = y.nbytes() >= streaming_store_bytes();
 
   at::parallel_for(0, rows, task_grain(N), [&](int64_t begin, int64_t end) {
     const Vec zero(acc_t(0));
@@ -281,7 +281,7 @@ void separable_layer_epilogue_backward_kernel(const at::Tensor& g, const at::Ten
   const acc_t* ctx_ptr = ctx.const_data_ptr<acc_t>();
   scalar_t* dv_ptr = dv.mutable_data_ptr<scalar_t>();
   acc_t* dctx_ptr = dctx.mutable_data_ptr<acc_t>();
-  const bool stream = dv.nbytes() >= kStreamingStoreBytes;
+  const bool stream = dv.nbytes() >= streaming_store_bytes();
 
   at::parallel_for(0, rows, task_grain(2 * N), [&](int64_t begin, int64_t end) {
     const Vec zero(acc_t(0));

@@ -91,8 +91,8 @@ void separable_layer_project_forward_kernel(const at::Tensor& x, const at::Tenso
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   scalar_t* v_ptr = keep ? v.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* y_ptr = keep ? y.mutable_data_ptr<scalar_t>() : nullptr;
-  const bool stream_out = out.nbytes() >= kStreamingStoreBytes;
-  const bool stream_vy = v.nbytes() >= kStreamingStoreBytes;
+  const bool stream_out = out.nbytes() >= streaming_store_bytes();
+  const bool stream_vy = v.nbytes() >= streaming_store_bytes();
 
   // Per thread: the x tile; the y tile, the second GEMM's operand; v and out tiles staging stores.
   const int64_t most = tiling.max_width();
@@ -150,7 +150,7 @@ void separable_layer_project_backward_kernel(const at::Tensor& g, const at::Tens
   const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();
   const acc_t* ctx_ptr = ctx.const_data_ptr<acc_t>();
   scalar_t* dv_ptr = dv.mutable_data_ptr<scalar_t>();
-  const bool stream = dv.nbytes() >= kStreamingStoreBytes;
+  const bool stream = dv.nbytes() >= streaming_store_bytes();
   std::vector<acc_t> dctx_part(B * P * tiling.blocks * C);  // [B * P rows, blocks, C]
 
   // Per thread: the grad_out tile (the GEMM's operand), the v tile that becomes dv in place,
