@@ -22,7 +22,7 @@ def child() -> None:
     import torch
     from torch.utils.benchmark import Timer
 
-    import mvit2_kernels
+    import mvit2_kernels  # noqa: F401  (registers torch.ops.mvit2)
     from mvit2_kernels.reference import separable_attention_reference
 
     times = {}
