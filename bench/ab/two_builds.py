@@ -31,8 +31,8 @@ def child() -> None:
                 for _ in range(8 if B > 1 else 1)]
         cycle = itertools.cycle(sets)
         compiled = torch.compile(separable_attention_reference, dynamic=False)
-        fns = {"op": lambda: torch.ops.mvit2.separable_attention_forward(*next(cycle)),
-               "compile": lambda: compiled(*next(cycle))}
+        fns = {"op": lambda c=cycle: torch.ops.mvit2.separable_attention_forward(*next(c)),
+               "compile": lambda c=cycle, f=compiled: f(*next(c))}
         for name, fn in fns.items():
             fn(), fn()
             timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
