@@ -85,28 +85,18 @@ inline acc_t clamp_eps(acc_t x) {
   return x < static_cast<acc_t>(kAdditiveEps) ? static_cast<acc_t>(kAdditiveEps) : x;
 }
 
-// xn = x / max(||x||, eps), and its backward given dxn (docs/design.md §2): dxn / eps where
-// ||x|| < eps (autograd's clamp_min blocks the norm's gradient below eps), else
-// dxn / ||x|| - x (x . dxn) / ||x||^3: at equality, where clamp_min passes it, and for a NaN norm,
-// which that formula spreads over the row as autograd does (`norm < eps` is false for NaN).
-// Built from a row's sums, so that the row passes below can apply it a vector at a time.
+// The backward of xn = x / max(||x||, eps) for a vector of its row, given dxn and t = x . dxn over
+// the row (as the CUDA and Triton kernels' normalize_backward): dxn / eps where ||x|| < eps
+// (autograd's clamp_min blocks the norm's gradient below eps), else (dxn - xn (xn . dxn)) / ||x||:
+// at equality, where clamp_min passes it, and for a NaN norm, which that formula spreads over the
+// row as autograd does (`norm < eps` is false for NaN).
 template <typename acc_t>
-struct RowNorm {
-  acc_t norm, inv;
-  explicit RowNorm(acc_t sum_sq)
-      : norm(std::sqrt(sum_sq)), inv(acc_t(1) / clamp_eps(norm)) {}
-  bool clamped() const { return norm < static_cast<acc_t>(kAdditiveEps); }
-  // dx from dxn, with x_dxn = x . dxn over the row.
-  struct Backward {
-    bool clamped;
-    acc_t inv, c;
-    Vec<acc_t> operator()(const Vec<acc_t>& dxn, const Vec<acc_t>& x) const {
-      return clamped ? dxn / Vec<acc_t>(static_cast<acc_t>(kAdditiveEps))
-                     : dxn * Vec<acc_t>(inv) - x * Vec<acc_t>(c);
-    }
-  };
-  Backward backward(acc_t x_dxn) const { return {clamped(), inv, inv * inv * inv * x_dxn}; }
-};
+inline Vec<acc_t> normalize_backward(const Vec<acc_t>& dxn, const Vec<acc_t>& x, acc_t norm,
+                                     acc_t inv, acc_t t) {
+  return norm < static_cast<acc_t>(kAdditiveEps)
+             ? dxn / Vec<acc_t>(static_cast<acc_t>(kAdditiveEps))
+             : dxn * Vec<acc_t>(inv) - x * Vec<acc_t>(inv * inv * inv * t);
+}
 
 // Each row of D (SwiftFormer's D is 48-512: at most 2 KiB) is read from memory once and then from
 // L1: a first pass sums what the row's scalars need (||x||^2 and its dot products), a second
@@ -147,13 +137,13 @@ void additive_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
           x_x = at::vec::fmadd(xv, xv, x_x);
           x_w = at::vec::fmadd(xv, V::loadu(w.data() + d, cnt), x_w);
         });
-        const RowNorm<acc_t> nrm(vec_sum<acc_t>(x_x));
-        const acc_t a = vec_sum<acc_t>(x_w) * nrm.inv * scale;
+        const acc_t inv = acc_t(1) / clamp_eps(std::sqrt(vec_sum<acc_t>(x_x)));
+        const acc_t a = vec_sum<acc_t>(x_w) * inv * scale;
         // softmax over a size-1 axis is exp(a - a): 1, or NaN where a is not finite.
         const V weight(variant == AdditiveVariant::kNormalize ? a : std::exp(a - a));
         ss += a * a;
         over_n<W>(D, [&](int64_t d, int64_t cnt) {
-          const V qv = IO::load(x + d, cnt) * V(nrm.inv);  // G sums the unrounded qn
+          const V qv = IO::load(x + d, cnt) * V(inv);  // G sums the unrounded qn
           IO::store(y + d, qv, cnt);
           at::vec::fmadd(weight, qv, V::loadu(gp + d, cnt)).store(gp + d, cnt);
         });
@@ -189,7 +179,7 @@ void additive_attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
         const V xv = IO::load(x + d, cnt);
         x_x = at::vec::fmadd(xv, xv, x_x);
       });
-      const V inv(RowNorm<acc_t>(vec_sum<acc_t>(x_x)).inv);
+      const V inv(acc_t(1) / clamp_eps(std::sqrt(vec_sum<acc_t>(x_x))));
       over_n<W>(D, [&](int64_t d, int64_t cnt) {
         IO::store(y + d, IO::load(x + d, cnt) * inv * V::loadu(gb + d, cnt), cnt);
       });
@@ -236,13 +226,12 @@ void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Te
           x_x = at::vec::fmadd(xv, xv, x_x);
           x_dkn = at::vec::fmadd(xv, IO::load(go + d, cnt) * V::loadu(gb + d, cnt), x_dkn);
         });
-        const RowNorm<acc_t> nrm(vec_sum<acc_t>(x_x));
-        const auto backward = nrm.backward(vec_sum<acc_t>(x_dkn));
-        const V inv(nrm.inv);
+        const acc_t norm = std::sqrt(vec_sum<acc_t>(x_x)), inv = acc_t(1) / clamp_eps(norm);
+        const acc_t t = vec_sum<acc_t>(x_dkn);
         over_n<W>(D, [&](int64_t d, int64_t cnt) {
           const V xv = IO::load(x + d, cnt), gov = IO::load(go + d, cnt);
-          at::vec::fmadd(gov, xv * inv, V::loadu(dgp + d, cnt)).store(dgp + d, cnt);
-          IO::store(y + d, backward(gov * V::loadu(gb + d, cnt), xv), cnt);
+          at::vec::fmadd(gov, xv * V(inv), V::loadu(dgp + d, cnt)).store(dgp + d, cnt);
+          IO::store(y + d, normalize_backward(gov * V::loadu(gb + d, cnt), xv, norm, inv, t), cnt);
         });
       }
     }
@@ -280,9 +269,9 @@ void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Te
           x_w = at::vec::fmadd(xv, V::loadu(w.data() + d, cnt), x_w);
           x_dg = at::vec::fmadd(xv, V::loadu(dgb + d, cnt), x_dg);
         });
-        const RowNorm<acc_t> nrm(vec_sum<acc_t>(x_x));
-        const acc_t a = vec_sum<acc_t>(x_w) * nrm.inv * scale;
-        const acc_t dalpha = vec_sum<acc_t>(x_dg) * nrm.inv;
+        const acc_t norm = std::sqrt(vec_sum<acc_t>(x_x)), inv = acc_t(1) / clamp_eps(norm);
+        const acc_t a = vec_sum<acc_t>(x_w) * inv * scale;
+        const acc_t dalpha = vec_sum<acc_t>(x_dg) * inv;
         acc_t alpha, da;
         if (variant == AdditiveVariant::kNormalize) {
           alpha = a / ra_c;
@@ -297,15 +286,18 @@ void additive_attention_backward_kernel(const at::Tensor& grad_out, const at::Te
         V x_dqn(0);
         over_n<W>(D, [&](int64_t d, int64_t cnt) {
           const V xv = IO::load(x + d, cnt);
-          at::vec::fmadd(V(das * nrm.inv), xv, V::loadu(dwp + d, cnt)).store(dwp + d, cnt);
+          at::vec::fmadd(V(das * inv), xv, V::loadu(dwp + d, cnt)).store(dwp + d, cnt);
           const V dv = IO::load(gq + d, cnt) + V(alpha) * V::loadu(dgb + d, cnt) +
                        V(das) * V::loadu(w.data() + d, cnt);
           dv.store(dqn.data() + d, cnt);
           x_dqn = at::vec::fmadd(xv, dv, x_dqn);
         });
-        const auto backward = nrm.backward(vec_sum<acc_t>(x_dqn));
+        const acc_t t = vec_sum<acc_t>(x_dqn);
         over_n<W>(D, [&](int64_t d, int64_t cnt) {
-          IO::store(y + d, backward(V::loadu(dqn.data() + d, cnt), IO::load(x + d, cnt)), cnt);
+          IO::store(y + d,
+                    normalize_backward(V::loadu(dqn.data() + d, cnt), IO::load(x + d, cnt), norm,
+                                       inv, t),
+                    cnt);
         });
       }
     }

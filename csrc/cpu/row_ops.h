@@ -67,9 +67,8 @@ struct VecIO {
   }
   // The first `count` (<= W) elements, the rest 0: a row's last, partial vector goes through
   // the same vector code as the others. Called with count == W in the bulk loop (see over_n),
-  // where the branch folds away.
-  // AVX-512 masks the partial vector's loads and stores; elsewhere it goes through a buffer (whose
-  // narrow stores a wide load cannot forward from: slow, but only once per row).
+  // where the branch folds away. AVX-512 masks the partial vector's loads and stores; elsewhere
+  // it goes through a buffer (a wide load cannot forward from narrow stores: slow, once a row).
   static Vec load(const scalar_t* p, int64_t count) {
     if (count == W) return load(p);
 #if defined(CPU_CAPABILITY_AVX512)
@@ -149,11 +148,17 @@ inline void over_n(int64_t N, const F& f) {
 
 // Outputs above this size bypass the cache (store_stream): they cannot stay in a 2-core share of
 // the last-level cache until the next op reads them, and streaming saves the read for ownership.
-// MVIT2_STREAM_MIB overrides it (A/B measurements).
+// MVIT2_STREAM_MIB overrides it (A/B measurements); a value that is not a whole number of MiB in
+// [0, 2^20] is ignored.
 inline int64_t streaming_store_bytes() {
   static const int64_t bytes = [] {
-    const char* env = std::getenv("MVIT2_STREAM_MIB");
-    return (env == nullptr ? int64_t{8} : std::atoll(env)) << 20;
+    int64_t mib = 8;
+    if (const char* env = std::getenv("MVIT2_STREAM_MIB")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && v >= 0 && v <= (int64_t{1} << 20)) mib = v;
+    }
+    return mib << 20;
   }();
   return bytes;
 }
